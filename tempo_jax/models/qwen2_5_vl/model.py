@@ -1,0 +1,499 @@
+"""Qwen2.5-VL in Flax NNX: vision tower (window attention, 2D rotary, patch merger) and the
+Qwen2 decoder with M-RoPE.
+
+Module and attribute names mirror the Hugging Face module tree, so the checkpoint mapping
+(`params.py`) is mechanical. Linear kernels are stored `[in, out]` and carry logical axis
+names for `tempo_jax.sharding`.
+
+Device code is pure: `Qwen25VL.forward(inputs)` takes a dict of arrays prepared on the host
+(`prepare_inputs`), so it can be jitted, sharded and differentiated. `Qwen25VL.__call__` is
+the transformers-style convenience entry point that prepares those arrays itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tempo_jax.models.attention import attention, check_backend
+from tempo_jax.models.qwen2_5_vl import positions as pos_lib
+from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
+from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+_init = jax.nn.initializers.normal(0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How the model runs (not what it is): dtypes, attention backend, rematerialisation."""
+
+    dtype: Any = jnp.float32  # compute dtype; norms' statistics and softmax are always fp32
+    attention_backend: str = "xla"
+    remat: str = "none"
+    splash_interpret: bool = False  # run the splash kernel in Pallas interpret mode (CPU)
+
+
+class Linear(nnx.Module):
+    def __init__(self, din, dout, *, bias, axes, param_dtype, rngs):
+        self.kernel = nnx.Param(_init(rngs.params(), (din, dout), param_dtype), axes=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[1],)) if bias else None
+        )
+
+    def __call__(self, x, dtype):
+        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, *, eps, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _act(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=name.endswith("tanh"))
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def _apply_rope(x, cos, sin):
+    """Rotary embedding in fp32, cast back (cos/sin broadcast over heads)."""
+    xf = x.astype(jnp.float32)
+    return (xf * cos + _rotate_half(xf) * sin).astype(x.dtype)
+
+
+def _inv_freq(theta: float, dim: int) -> np.ndarray:
+    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- vision tower
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x, dtype):
+        act = _act(self.act)
+        return self.down_proj(act(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = Linear(d, 3 * d, bias=True, axes=("embed", "heads"), param_dtype=param_dtype,
+                          rngs=rngs)
+        self.proj = Linear(d, d, bias=True, axes=("heads", "embed"), param_dtype=param_dtype,
+                           rngs=rngs)
+
+    def __call__(self, x, cos, sin, index, valid, slot, opts: RuntimeOptions):
+        n = x.shape[0]
+        qkv = self.qkv(x, opts.dtype).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q = _apply_rope(q, cos[:, None], sin[:, None])
+        k = _apply_rope(k, cos[:, None], sin[:, None])
+        # packed segments, head-major: [N, H, D] -> [H, N, D] -> gather [H, S, Lmax, D] ->
+        # [S, H, Lmax, D]; keys outside a segment are masked
+        s, lmax = index.shape
+        qs, ks, vs = (jnp.swapaxes(jnp.swapaxes(t, 0, 1)[:, index], 0, 1) for t in (q, k, v))
+        mask = jnp.broadcast_to(valid[:, None, :], (s, lmax, lmax))
+        seg = valid.astype(jnp.int32)
+        out = attention(
+            qs, ks, vs, scale=self.head_dim**-0.5, backend=opts.attention_backend, mask=mask,
+            q_segment_ids=seg, kv_segment_ids=seg, causal=False,
+            splash_interpret=opts.splash_interpret, heads_first=True,
+        )
+        out = jnp.swapaxes(out, 1, 2).reshape(s * lmax, -1)[slot]
+        return self.proj(out, opts.dtype)
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, index, valid, slot, opts):
+        x = x + self.attn(self.norm1(x), cos, sin, index, valid, slot, opts)
+        return x + self.mlp(self.norm2(x), opts.dtype)
+
+
+class PatchEmbed(nnx.Module):
+    """The reference Conv3d with kernel == stride is a matmul on flattened patches."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=False, axes=("patch", "embed"),
+                           param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, dtype):
+        return self.proj(x, dtype)
+
+
+class PatchMerger(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        ctx = cfg.hidden_size * cfg.merge_unit
+        self.hidden = ctx
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.mlp_0 = Linear(ctx, ctx, bias=True, axes=("embed", "mlp"), param_dtype=param_dtype,
+                            rngs=rngs)
+        self.mlp_2 = Linear(ctx, cfg.out_hidden_size, bias=True, axes=("mlp", "embed"),
+                            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, dtype):
+        x = self.ln_q(x).reshape(-1, self.hidden)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x, dtype), approximate=False), dtype)
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List(
+            [VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)]
+        )
+        self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, pixels, meta: dict, opts: RuntimeOptions):
+        """pixels [N, 1176] -> merged features [N / 4, out_hidden] in input order."""
+        x = self.patch_embed(pixels, opts.dtype)[meta["patch_perm"]]
+        inv = jnp.asarray(_inv_freq(self.cfg.rope_theta, self.cfg.head_dim // 2))
+        freqs = meta["rot_pos"][..., None].astype(jnp.float32) * inv  # [N, 2, hd/4]
+        emb = freqs.reshape(freqs.shape[0], -1)
+        emb = jnp.concatenate([emb, emb], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        full = set(self.cfg.fullatt_block_indexes)
+        for i, blk in enumerate(self.blocks):
+            kind = "full" if i in full else "win"
+            x = blk(x, cos, sin, meta[f"{kind}_index"], meta[f"{kind}_valid"],
+                    meta[f"{kind}_slot"], opts)
+        return self.merger(x, opts.dtype)[meta["reverse_index"]]
+
+
+# --------------------------------------------------------------------------- text decoder
+class TextMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x, dtype):
+        act = _act(self.act)
+        return self.down_proj(act(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, self.num_heads * hd, bias=True, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=True, axes=("embed", "kv_heads"),
+                             **kw)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=True, axes=("embed", "kv_heads"),
+                             **kw)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=False, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x, cos, sin, mask, seg, opts: RuntimeOptions):
+        b, seq = x.shape[:2]
+        q = self.q_proj(x, opts.dtype).reshape(b, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
+        q = _apply_rope(q, cos[:, :, None], sin[:, :, None])
+        k = _apply_rope(k, cos[:, :, None], sin[:, :, None])
+        out = attention(
+            q, k, v, scale=self.head_dim**-0.5, backend=opts.attention_backend, mask=mask,
+            q_segment_ids=seg, kv_segment_ids=seg, causal=True,
+            splash_interpret=opts.splash_interpret,
+        )
+        return self.o_proj(out.reshape(b, seq, -1), opts.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                       param_dtype=param_dtype)
+        self.self_attn = TextAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        self.mlp = TextMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, seg, opts):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, seg, opts)
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab, dim, *, param_dtype, rngs):
+        self.embedding = nnx.Param(_init(rngs.params(), (vocab, dim), param_dtype),
+                                   axes=("vocab", "embed"))
+
+    def __call__(self, ids):
+        return self.embedding[...][ids]
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def mrope(self, position_ids):
+        """cos/sin [B, L, head_dim] from [3, B, L] positions: frequency band i of the rotary
+        dimensions reads axis i % 3 of the position (mrope_section sizes)."""
+        inv = jnp.asarray(_inv_freq(self.cfg.rope_theta, self.cfg.head_dim))
+        freqs = position_ids[..., None].astype(jnp.float32) * inv  # [3, B, L, hd/2]
+        bounds = np.cumsum((0, *self.cfg.mrope_section))
+        parts = [freqs[i % 3, ..., bounds[i]:bounds[i + 1]] for i in range(3)]
+        f = jnp.concatenate(parts, axis=-1)
+        emb = jnp.concatenate([f, f], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+
+    def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions):
+        b, seq = x.shape[:2]
+        cos, sin = self.mrope(position_ids)
+        valid = attention_mask.astype(bool)
+        causal = jnp.tril(jnp.ones((seq, seq), bool))
+        mask = causal[None] & valid[:, None, :]
+        seg = valid.astype(jnp.int32)
+        layer_fn = lambda layer, h: layer(h, cos, sin, mask, seg, opts)
+        if opts.remat != "none":
+            policy = (
+                jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if opts.remat == "dots" else jax.checkpoint_policies.nothing_saveable
+            )
+            layer_fn = nnx.remat(layer_fn, policy=policy)
+        for layer in self.layers:
+            x = layer_fn(layer, x)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------- full model
+class Qwen25VL(nnx.Module):
+    """Qwen2_5_VLForConditionalGeneration."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        param_dtype=jnp.float32,
+        options: RuntimeOptions | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.options = options or RuntimeOptions(dtype=param_dtype)
+        check_backend(self.options.attention_backend)
+        if self.options.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.options.remat!r}")
+        self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
+        self.model = TextModel(config.text, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False,
+                                  axes=("embed", "vocab"), param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.lm_head = None
+
+    # ---- pure device functions (jit / grad these)
+    def embed(self, inputs: dict):
+        """Token embeddings with the vision features scattered at the image/video pad tokens."""
+        cfg, opts = self.config, self.options
+        ids = inputs["input_ids"]
+        x = self.model.embed_tokens(ids).astype(opts.dtype)
+        if "pixel_values" not in inputs:
+            return x
+        feats = self.visual(inputs["pixel_values"], inputs["vision_meta"], opts).astype(opts.dtype)
+        flat = ids.reshape(-1)
+        is_img = flat == cfg.image_token_id
+        is_vid = flat == cfg.video_token_id
+        idx = jnp.where(
+            is_img, jnp.cumsum(is_img) - 1,
+            jnp.where(is_vid, inputs["num_image_features"] + jnp.cumsum(is_vid) - 1, 0),
+        )
+        picked = feats[jnp.clip(idx, 0, feats.shape[0] - 1)]
+        x = jnp.where((is_img | is_vid)[:, None], picked, x.reshape(flat.shape[0], -1))
+        return x.reshape(*ids.shape, -1)
+
+    def hidden_states(self, inputs: dict):
+        """Final-norm hidden states [B, L, D]."""
+        x = self.embed(inputs)
+        return self.model(x, inputs["position_ids"], inputs["attention_mask"], self.options)
+
+    def logits_from_hidden(self, h):
+        """LM head in fp32 output (loss and sampling read these)."""
+        dt = self.options.dtype
+        if self.lm_head is None:
+            w = self.model.embed_tokens.embedding[...].astype(dt)
+            return jnp.einsum("...d,vd->...v", h.astype(dt), w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head.kernel[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def forward(self, inputs: dict, logits_positions=None):
+        """Logits [B, L, V] (fp32), or [B, K, V] at `logits_positions` [B, K] only (the LM head
+        over a 150k vocabulary is the largest cost of a step; compute it where needed)."""
+        h = self.hidden_states(inputs)
+        if logits_positions is not None:
+            h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
+        return self.logits_from_hidden(h)
+
+    # ---- transformers-style entry point
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        position_ids=None,
+    ) -> jax.Array:
+        """Logits [B, L, vocab] like `Qwen2_5_VLForConditionalGeneration(...).logits`.
+
+        Host-side preparation (positions, vision metadata) needs concrete arrays: inside your
+        own `jax.jit`, call `prepare_inputs` outside and `forward` inside.
+        """
+        inputs = prepare_inputs(
+            self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+            pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
+        )
+        return _jit_forward(self, inputs)
+
+
+@nnx.jit
+def _jit_forward(model: Qwen25VL, inputs: dict):
+    return model.forward(inputs)
+
+
+def _np(x):
+    if x is None:
+        return None
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(
+            "Qwen25VL.__call__ prepares inputs on the host and cannot be traced; inside jit use "
+            "prepare_inputs(...) outside and model.forward(inputs) inside"
+        )
+    if hasattr(x, "detach"):  # torch tensors
+        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.cpu().numpy()
+    return np.asarray(x)
+
+
+def prepare_inputs(
+    config: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    position_ids=None,
+    *,
+    num_patches: int | None = None,
+) -> dict:
+    """Host side of a forward pass: M-RoPE positions (when not given), vision metadata, the
+    image and video patches concatenated into one vision batch (attention in the tower never
+    crosses a temporal patch, so one call equals two)."""
+    ids = _np(input_ids).astype(np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = np.ones_like(ids) if attention_mask is None else _np(attention_mask).astype(np.int32)
+    mask = mask.reshape(ids.shape)
+    img_grid, vid_grid = _np(image_grid_thw), _np(video_grid_thw)
+    if position_ids is None:
+        if img_grid is None and vid_grid is None:
+            pos = pos_lib.text_positions(mask)
+        else:
+            pos, _ = pos_lib.rope_index(
+                ids, mask, img_grid, vid_grid, _np(second_per_grid_ts),
+                spatial_merge_size=config.vision.spatial_merge_size,
+                tokens_per_second=config.vision.tokens_per_second,
+                image_token_id=config.image_token_id,
+                video_token_id=config.video_token_id,
+                vision_start_token_id=config.vision_start_token_id,
+            )
+    else:
+        pos = _np(position_ids)
+        if pos.ndim == 2:
+            pos = np.broadcast_to(pos[None], (3, *pos.shape))
+    if pos.shape != (3, *ids.shape):
+        raise ValueError(f"position_ids must be [3, B, L] = {(3, *ids.shape)}, got {pos.shape}")
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": pos.astype(np.int32),
+    }
+    pixels, grids = [], []
+    n_img_feats = 0
+    unit = config.vision.merge_unit
+    for pv, grid, kind, tok in (
+        (pixel_values, img_grid, "image", config.image_token_id),
+        (pixel_values_videos, vid_grid, "video", config.video_token_id),
+    ):
+        if pv is None:
+            continue
+        if grid is None:
+            raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
+        pv = _np(pv).astype(np.float32)
+        grid = grid.reshape(-1, 3)
+        n = int(np.prod(grid, axis=-1).sum())
+        if pv.shape != (n, config.vision.patch_dim):
+            raise ValueError(
+                f"{kind} pixels have shape {pv.shape}, grids {grid.tolist()} need "
+                f"{(n, config.vision.patch_dim)}"
+            )
+        n_tokens = int((ids == tok).sum())
+        if n_tokens != n // unit:
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: {n // unit} features, "
+                f"{n_tokens} tokens"
+            )
+        if kind == "image":
+            n_img_feats = n // unit
+        pixels.append(pv)
+        grids.append(grid)
+    if pixels:
+        grid_all = np.concatenate(grids)
+        inputs["pixel_values"] = np.concatenate(pixels)
+        inputs["vision_meta"] = vision_metadata(grid_all, config.vision, num_patches=num_patches)
+        if num_patches:
+            pad = num_patches - inputs["pixel_values"].shape[0]
+            inputs["pixel_values"] = np.pad(inputs["pixel_values"], ((0, pad), (0, 0)))
+        inputs["num_image_features"] = np.int32(n_img_feats)
+    return inputs
