@@ -157,8 +157,12 @@ def test_padded_vision_patches_do_not_change_logits(model):
     np.testing.assert_allclose(la, lb, atol=1e-5)
 
 
-def test_save_then_transformers_loads_identical(model, hf_model, tmp_path):
-    tempo_jax.save_pretrained(model, tmp_path)
+@pytest.mark.parametrize("shard_bytes", [None, 200_000])
+def test_save_then_transformers_loads_identical(model, hf_model, tmp_path, shard_bytes):
+    kw = {} if shard_bytes is None else {"max_shard_bytes": shard_bytes}
+    files = tempo_jax.save_pretrained(model, tmp_path, **kw)
+    assert (len(files) > 1) == (tmp_path / "model.safetensors.index.json").exists()
+    assert len(files) > 1 or shard_bytes is None
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert "text_config" not in cfg and cfg["rope_scaling"]["mrope_section"] == [2, 3, 3]
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -280,3 +284,19 @@ def test_remat_and_gradients_match(hf_dir):
         np.testing.assert_allclose(l1, l0, rtol=1e-6)
         for a, b in zip(g0, g1, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_splash_backend_interpret_matches_xla(hf_dir, model):
+    """The TPU kernel (Pallas interpret mode on CPU) inside the whole model: window and
+    full-frame vision segments, causal text with padding."""
+    opts = tempo_jax.RuntimeOptions(dtype=jnp.float32, attention_backend="splash",
+                                    splash_interpret=True)
+    splash = tempo_jax.load_pretrained(hf_dir, dtype=jnp.float32, options=opts)
+    rng = np.random.default_rng(12)
+    g1, g2 = (2, 8, 12), (1, 4, 4)
+    rows = [vision_prompt(rng, [("video", g1)], [6, 9]), vision_prompt(rng, [("video", g2)], [2, 3])]
+    ids, mask = _batch(rows, "left")
+    kw = dict(attention_mask=mask, pixel_values_videos=pixels(rng, [g1, g2]),
+              video_grid_thw=[g1, g2])
+    a, b = np.asarray(splash(ids, **kw)), np.asarray(model(ids, **kw))
+    np.testing.assert_allclose(a[mask.astype(bool)], b[mask.astype(bool)], atol=1e-4)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 BACKENDS = ("xla", "cudnn", "splash")
 
+_LANES = 128
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -107,9 +108,12 @@ def _splash_kernel(lq: int, lk: int, groups: int, causal: bool, interpret: bool,
         block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
         block_q_dq=bq, block_kv_dq=bk,
     )
-    return sk.make_splash_mha(
-        mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
-    )
+    # built outside any trace: the kernel's mask tables must be constants, not tracers, since
+    # the kernel is cached and reused by later traces
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+        )
 
 
 def splash_attention(
@@ -122,7 +126,17 @@ def splash_attention(
 
     if not heads_first:
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    b, h, lq, d = q.shape
+    b, h, lq0, d = q.shape
+    # the kernel tiles keys in multiples of 128 lanes: pad both lengths, with segment ids
+    # that keep the padding to itself, and cut the output back
+    pq, pk = -lq0 % _LANES, -k.shape[2] % _LANES
+    if pq:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, pq), (0, 0)))
+        q_segment_ids = jnp.pad(q_segment_ids, ((0, 0), (0, pq)), constant_values=-1)
+    if pk:
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pk), (0, 0))) for x in (k, v))
+        kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, pk)), constant_values=-1)
+    lq = lq0 + pq
     hkv, lk = k.shape[1], k.shape[2]
     g = h // hkv
     kernel = _splash_kernel(lq, lk, g, causal, interpret, block)
@@ -137,7 +151,7 @@ def splash_attention(
 
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
     out = jax.vmap(per_head)(qg, kt, vt, q_segment_ids, kv_segment_ids)  # [B, Hkv, G, Lq, D]
-    out = out.reshape(b, h, lq, d).astype(q.dtype)
+    out = out.reshape(b, h, lq, d)[:, :, :lq0].astype(q.dtype)
     return out if heads_first else jnp.swapaxes(out, 1, 2)
 
 
