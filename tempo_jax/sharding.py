@@ -93,7 +93,10 @@ def logical_to_spec(
 
 
 def named_sharding(
-    mesh: Mesh, axes: Sequence[str | None] | None, shape: Sequence[int], rules: Rules = DEFAULT_RULES
+    mesh: Mesh,
+    axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    rules: Rules = DEFAULT_RULES,
 ) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 

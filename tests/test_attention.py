@@ -3,10 +3,10 @@ Pallas interpret mode on CPU."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
 from tempo_jax.models.attention import attention, check_backend
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import tempo_jax
-from tempo_jax.models.qwen2_5_vl import prepare_inputs
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
+from tempo_jax.models.qwen2_5_vl import prepare_inputs
 
 TOL = 1e-4
 
@@ -107,7 +107,8 @@ def test_image(model, hf_model):
 def test_two_videos_and_an_image_in_one_sequence(model, hf_model):
     rng = np.random.default_rng(4)
     v1, v2, im = (2, 8, 8), (4, 4, 12), (1, 6, 4)
-    ids = np.asarray([vision_prompt(rng, [("video", v1), ("image", im), ("video", v2)], [4, 2, 3, 5])])
+    items = [("video", v1), ("image", im), ("video", v2)]
+    ids = np.asarray([vision_prompt(rng, items, [4, 2, 3, 5])])
     inputs = {
         "input_ids": ids, "attention_mask": np.ones_like(ids),
         "pixel_values_videos": pixels(rng, [v1, v2]), "video_grid_thw": np.asarray([v1, v2]),
@@ -121,7 +122,8 @@ def test_two_videos_and_an_image_in_one_sequence(model, hf_model):
 def test_padded_batch_of_two(model, hf_model, pad_side):
     rng = np.random.default_rng(5)
     g1, g2 = (2, 8, 12), (3, 4, 4)
-    rows = [vision_prompt(rng, [("video", g1)], [6, 9]), vision_prompt(rng, [("video", g2)], [2, 3])]
+    rows = [vision_prompt(rng, [("video", g1)], [6, 9]),
+            vision_prompt(rng, [("video", g2)], [2, 3])]
     ids, mask = _batch(rows, pad_side)
     inputs = {
         "input_ids": ids, "attention_mask": mask,
@@ -153,8 +155,11 @@ def test_padded_vision_patches_do_not_change_logits(model):
     cfg = model.config
     a = prepare_inputs(cfg, ids, pixel_values_videos=pv, video_grid_thw=[grid])
     b = prepare_inputs(cfg, ids, pixel_values_videos=pv, video_grid_thw=[grid], num_patches=256)
-    la, lb = np.asarray(model.forward(a)), np.asarray(model.forward(b))
+    c = prepare_inputs(cfg, ids, pixel_values_videos=pv, video_grid_thw=[grid], bucketed=True)
+    assert c["vision_meta"]["win_index"].shape[1] == 64
+    la, lb, lc = (np.asarray(model.forward(x)) for x in (a, b, c))
     np.testing.assert_allclose(la, lb, atol=1e-5)
+    np.testing.assert_allclose(la, lc, atol=1e-5)
 
 
 @pytest.mark.parametrize("shard_bytes", [None, 200_000])
@@ -294,9 +299,19 @@ def test_splash_backend_interpret_matches_xla(hf_dir, model):
     splash = tempo_jax.load_pretrained(hf_dir, dtype=jnp.float32, options=opts)
     rng = np.random.default_rng(12)
     g1, g2 = (2, 8, 12), (1, 4, 4)
-    rows = [vision_prompt(rng, [("video", g1)], [6, 9]), vision_prompt(rng, [("video", g2)], [2, 3])]
+    rows = [vision_prompt(rng, [("video", g1)], [6, 9]),
+            vision_prompt(rng, [("video", g2)], [2, 3])]
     ids, mask = _batch(rows, "left")
     kw = dict(attention_mask=mask, pixel_values_videos=pixels(rng, [g1, g2]),
               video_grid_thw=[g1, g2])
     a, b = np.asarray(splash(ids, **kw)), np.asarray(model(ids, **kw))
     np.testing.assert_allclose(a[mask.astype(bool)], b[mask.astype(bool)], atol=1e-4)
+
+
+def test_bucket_sizes():
+    from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+
+    sizes = [bucket(n) for n in range(1, 5000)]
+    assert all(b >= n for n, b in zip(range(1, 5000), sizes, strict=True))
+    assert all(b <= max(1.25 * n, n + 1) for n, b in zip(range(1, 5000), sizes, strict=True))
+    assert len(set(sizes)) < 60

@@ -75,10 +75,10 @@ def test_sharded_load_matches_single_device(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["q_proj"] == "PartitionSpec('fsdp', 'tensor')"
-    assert res["down_proj"] == "PartitionSpec('tensor', 'fsdp')"
-    assert res["embed"] == "PartitionSpec('tensor', 'fsdp')"
-    assert res["norm"] == "PartitionSpec(None,)"
+    assert res["q_proj"] == "P('fsdp', 'tensor')"
+    assert res["down_proj"] == "P('tensor', 'fsdp')"
+    assert res["embed"] == "P('tensor', 'fsdp')"
+    assert res["norm"] == "P(None,)"
     assert res["n_devices"] == 8
     assert res["max_diff"] <= 1e-5, res
     assert np.isfinite(res["max_diff"])

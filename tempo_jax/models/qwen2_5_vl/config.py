@@ -83,7 +83,9 @@ class ModelConfig:
     def __post_init__(self):
         t = self.text
         if t.hidden_size % t.num_attention_heads:
-            raise ValueError(f"hidden_size {t.hidden_size} not divisible by heads {t.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {t.hidden_size} not divisible by heads {t.num_attention_heads}"
+            )
         if t.num_attention_heads % t.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if 2 * sum(t.mrope_section) != t.head_dim:

@@ -225,19 +225,41 @@ class TextAttention(nnx.Module):
                              **kw)
         self.o_proj = Linear(self.num_heads * hd, d, bias=False, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask, seg, opts: RuntimeOptions):
+    def project(self, x, cos, sin, opts: RuntimeOptions):
+        """q [B, L, H, D] and k, v [B, L, Hkv, D] with M-RoPE applied to q and k."""
         b, seq = x.shape[:2]
         q = self.q_proj(x, opts.dtype).reshape(b, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
         q = _apply_rope(q, cos[:, :, None], sin[:, :, None])
         k = _apply_rope(k, cos[:, :, None], sin[:, :, None])
+        return q, k, v
+
+    def __call__(self, x, cos, sin, mask, seg, opts: RuntimeOptions):
+        """Self-attention over the sequence; also returns (k, v) for a KV cache."""
+        b, seq = x.shape[:2]
+        q, k, v = self.project(x, cos, sin, opts)
         out = attention(
             q, k, v, scale=self.head_dim**-0.5, backend=opts.attention_backend, mask=mask,
             q_segment_ids=seg, kv_segment_ids=seg, causal=True,
             splash_interpret=opts.splash_interpret,
         )
-        return self.o_proj(out.reshape(b, seq, -1), opts.dtype)
+        return self.o_proj(out.reshape(b, seq, -1), opts.dtype), (k, v)
+
+    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts: RuntimeOptions):
+        """Attend new tokens written at cache slot `index` (x [B, T, D]) over the cache.
+
+        `kv_mask` [B, T, S] says which cache slots each new token may read (the prompt's
+        valid tokens and the tokens generated so far, itself included).
+        """
+        b, seq = x.shape[:2]
+        q, k, v = self.project(x, cos, sin, opts)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        # decoding is bandwidth-bound with one query row: the plain kernel serves every platform
+        out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                        scale=self.head_dim**-0.5, backend="xla", mask=kv_mask)
+        return self.o_proj(out.reshape(b, seq, -1), opts.dtype), cache_k, cache_v
 
 
 class DecoderLayer(nnx.Module):
@@ -250,8 +272,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = TextMLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, seg, opts):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, seg, opts)
-        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype)
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, seg, opts)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), kv
+
+    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts):
+        attn, cache_k, cache_v = self.self_attn.decode(
+            self.input_layernorm(x), cos, sin, cache_k, cache_v, index, kv_mask, opts)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), cache_k, cache_v
 
 
 class Embed(nnx.Module):
@@ -285,7 +314,10 @@ class TextModel(nnx.Module):
         emb = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions):
+    def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions,
+                 return_kv: bool = False):
+        """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
+        (the prefill of a KV cache)."""
         b, seq = x.shape[:2]
         cos, sin = self.mrope(position_ids)
         valid = attention_mask.astype(bool)
@@ -299,9 +331,21 @@ class TextModel(nnx.Module):
                 if opts.remat == "dots" else jax.checkpoint_policies.nothing_saveable
             )
             layer_fn = nnx.remat(layer_fn, policy=policy)
+        kvs = []
         for layer in self.layers:
-            x = layer_fn(layer, x)
-        return self.norm(x)
+            x, kv = layer_fn(layer, x)
+            kvs.append(kv)
+        x = self.norm(x)
+        return (x, kvs) if return_kv else x
+
+    def decode(self, x, position_ids, caches, index, kv_mask, opts: RuntimeOptions):
+        """New tokens x [B, T, D] at `position_ids` [3, B, T] over per-layer (k, v) caches."""
+        cos, sin = self.mrope(position_ids)
+        new = []
+        for layer, (ck, cv) in zip(self.layers, caches, strict=True):
+            x, ck, cv = layer.decode(x, cos, sin, ck, cv, index, kv_mask, opts)
+            new.append((ck, cv))
+        return self.norm(x), new
 
 
 # --------------------------------------------------------------------------- full model
@@ -426,10 +470,15 @@ def prepare_inputs(
     position_ids=None,
     *,
     num_patches: int | None = None,
+    bucketed: bool = False,
 ) -> dict:
     """Host side of a forward pass: M-RoPE positions (when not given), vision metadata, the
     image and video patches concatenated into one vision batch (attention in the tower never
-    crosses a temporal patch, so one call equals two)."""
+    crosses a temporal patch, so one call equals two).
+
+    `num_patches` / `bucketed` pad the vision batch to a static shape (see
+    `vision_meta.bucket`) so that a dataset compiles a handful of times, not once per video.
+    """
     ids = _np(input_ids).astype(np.int32)
     if ids.ndim == 1:
         ids = ids[None]
@@ -491,9 +540,11 @@ def prepare_inputs(
     if pixels:
         grid_all = np.concatenate(grids)
         inputs["pixel_values"] = np.concatenate(pixels)
-        inputs["vision_meta"] = vision_metadata(grid_all, config.vision, num_patches=num_patches)
-        if num_patches:
-            pad = num_patches - inputs["pixel_values"].shape[0]
+        meta = vision_metadata(grid_all, config.vision, num_patches=num_patches,
+                               bucketed=bucketed)
+        inputs["vision_meta"] = meta
+        pad = meta["patch_perm"].shape[0] - inputs["pixel_values"].shape[0]
+        if pad:
             inputs["pixel_values"] = np.pad(inputs["pixel_values"], ((0, pad), (0, 0)))
         inputs["num_image_features"] = np.int32(n_img_feats)
     return inputs

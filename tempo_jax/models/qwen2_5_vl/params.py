@@ -48,8 +48,8 @@ def normalize_key(key: str) -> str:
 
 
 def hf_key(path: tuple) -> str:
-    """NNX state path -> released HF key, e.g.
-    ('model', 'layers', 0, 'self_attn', 'q_proj', 'kernel') -> 'model.layers.0.self_attn.q_proj.weight'."""
+    """NNX state path -> released HF key, e.g. ('model', 'layers', 0, 'self_attn', 'q_proj',
+    'kernel') -> 'model.layers.0.self_attn.q_proj.weight'."""
     parts = [str(p) for p in path]
     parts = ["mlp.0" if p == "mlp_0" else "mlp.2" if p == "mlp_2" else p for p in parts]
     if parts[-1] in ("kernel", "embedding"):
@@ -128,9 +128,9 @@ def load_pretrained(
             mis_shaped.append(f"{ckpt_key}: checkpoint {got}, model expects {tuple(expect)}")
             continue
         loaded.append((p, var, ckpt_key))
+    tied_head = config.tie_word_embeddings and "lm_head.weight"
     unexpected = [
-        k for n, k in by_ours.items()
-        if not n.endswith(_IGNORED_SUFFIXES) and not (config.tie_word_embeddings and n == "lm_head.weight")
+        k for n, k in by_ours.items() if not n.endswith(_IGNORED_SUFFIXES) and n != tied_head
     ]
     if missing or unexpected or mis_shaped:
         lines = [f"{path}: checkpoint does not match the Qwen2.5-VL config"]

@@ -67,8 +67,9 @@ def rot_pos_ids(grid_thw, cfg: VisionConfig) -> np.ndarray:
     for t, h, w in _as_grids(grid_thw):
         hpos = np.broadcast_to(np.arange(h)[:, None], (h, w))
         wpos = np.broadcast_to(np.arange(w)[None, :], (h, w))
-        blocks = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3)
-        hw = np.stack([blocks(hpos).reshape(-1), blocks(wpos).reshape(-1)], -1)
+        shape = (h // merge, merge, w // merge, merge)
+        hw = np.stack([a.reshape(shape).transpose(0, 2, 1, 3).reshape(-1) for a in (hpos, wpos)],
+                      -1)
         out.append(np.tile(hw, (t, 1)))
     return np.concatenate(out).astype(np.int32)
 
@@ -104,36 +105,51 @@ def pack_segments(
     return PackedSegments(index.astype(np.int32), valid, slot.astype(np.int32))
 
 
+def bucket(n: int, minimum: int = 1) -> int:
+    """Round up to the next of {1, 1.25, 1.5, 1.75} x 2^k: at most 25% padding, and only a
+    handful of distinct shapes (compilations) over a whole dataset."""
+    n = max(int(n), minimum)
+    p = 1 << max(0, (n - 1).bit_length() - 3)
+    return -(-n // p) * p
+
+
 def vision_metadata(
     grid_thw,
     cfg: VisionConfig,
     num_patches: int | None = None,
     full_shape: tuple[int, int] | None = None,
     window_shape: tuple[int, int] | None = None,
+    bucketed: bool = False,
 ) -> dict[str, np.ndarray]:
     """Everything the device-side vision tower needs besides the pixels.
 
     `num_patches` pads the patch count for a static shape (padding patches sit after the real
-    ones, each merge unit its own segment, and are never scattered into the text);
-    `full_shape` / `window_shape` pad the segment tables to fixed `(S, Lmax)`.
+    ones in segments of their own and are never scattered into the text);
+    `full_shape` / `window_shape` pad the segment tables to fixed `(S, Lmax)`; `bucketed`
+    chooses all three from `bucket`, so that similar inputs share one compiled shape.
     """
     g = _as_grids(grid_thw)
     unit = cfg.merge_unit
     n = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
+    if bucketed and num_patches is None:
+        num_patches = bucket(n, 64)
     n_pad = num_patches or n
     if n_pad < n or n_pad % unit:
         raise ValueError(f"num_patches {n_pad} must be >= {n} and a multiple of {unit}")
     widx, cu_win = window_index(g, cfg)
     cu_full = frame_cu_seqlens(g)
-    extra_units = (n_pad - n) // unit
-    if extra_units:
+    win_len = unit * (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size) ** 2
+    frame_len = int(np.diff(cu_full).max())
+    if n_pad > n:
         widx = np.concatenate([widx, np.arange(n // unit, n_pad // unit)])
-        tail = n + unit * np.arange(1, extra_units + 1)
-        cu_win = np.concatenate([cu_win, tail])
-        cu_full = np.concatenate([cu_full, tail])
+        cu_win = np.concatenate([cu_win, np.arange(n, n_pad, win_len)[1:], [n_pad]])
+        cu_full = np.concatenate([cu_full, np.arange(n, n_pad, frame_len)[1:], [n_pad]])
     rot = rot_pos_ids(g, cfg)
-    if extra_units:
+    if n_pad > n:
         rot = np.concatenate([rot, np.zeros((n_pad - n, 2), np.int32)])
+    if bucketed:
+        full_shape = full_shape or (bucket(len(cu_full) - 1), bucket(frame_len, 16))
+        window_shape = window_shape or (bucket(len(cu_win) - 1), win_len)
     # window permutation applies to merge units; expand it to patches
     patch_perm = (widx[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
     full = pack_segments(cu_full, *(full_shape or (None, None)))
