@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tempo_jax.models.qwen2_5_vl import Qwen25VL, preset, prepare_inputs
+from tempo_jax.models.qwen2_5_vl import Qwen25VL, prepare_inputs, preset
 
 
 def main() -> None:

@@ -59,12 +59,20 @@ SCRIPT = textwrap.dedent(
     kw = dict(pixel_values_videos=pv, video_grid_thw=[grid, grid])
     a = np.asarray(sharded(ids, **kw))
     b = np.asarray(single(ids, **kw))
-    print(json.dumps({**specs, "max_diff": float(np.abs(a - b).max())}))
+    from tempo_jax.generate import generate
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # rows of different lengths
+    gkw = dict(max_new_tokens=12, temperature=0)
+    ga = generate(sharded, ids, mask, **kw, **gkw)
+    gb = generate(single, ids, mask, **kw, **gkw)
+    print(json.dumps({**specs, "max_diff": float(np.abs(a - b).max()),
+                      "same_greedy": bool((ga.tokens == gb.tokens).all()),
+                      "logprob_diff": float(np.abs(ga.logprobs - gb.logprobs).max())}))
     """
 )
 
 
-def test_sharded_load_matches_single_device(tmp_path):
+def test_sharded_load_and_generate_match_single_device(tmp_path):
     from hf_reference import tiny_hf_model
 
     tiny_hf_model(seed=1).save_pretrained(tmp_path / "ckpt")
@@ -82,3 +90,4 @@ def test_sharded_load_matches_single_device(tmp_path):
     assert res["n_devices"] == 8
     assert res["max_diff"] <= 1e-5, res
     assert np.isfinite(res["max_diff"])
+    assert res["same_greedy"] and res["logprob_diff"] <= 1e-4, res

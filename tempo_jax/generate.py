@@ -1,0 +1,206 @@
+"""Batched sampling with a preallocated KV cache: the decoder behind GRPO rollouts and
+evaluation.
+
+One jitted function does everything on the device: the vision tower and the prompt prefill
+run once per prompt, the prompt's KV cache is broadcast to the `num_samples` rows that share
+it, and the decode loop is a `lax.while_loop` that stops when every row has finished.
+
+Prompts are left-aligned on the host (padding first), so every row's next token goes to the
+same cache slot; each row keeps its own M-RoPE offset (the max of its prompt positions + 1),
+which is what Qwen2.5-VL's original `rope_deltas` encode. Shapes are bucketed (prompt
+length, batch, vision patches) so a dataset compiles a handful of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tempo_jax.models.qwen2_5_vl.model import Qwen25VL, prepare_inputs
+from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    tokens: np.ndarray  # [B * num_samples, max_new_tokens] int32, pad_token_id after EOS
+    logprobs: np.ndarray  # [B * num_samples, max_new_tokens] fp32, 0 after EOS
+    lengths: np.ndarray  # [B * num_samples] tokens generated, EOS included
+
+
+def left_align(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray):
+    """Move each row's valid tokens to the end (a stable reorder, so vision tokens keep their
+    order and the features still scatter onto the right tokens)."""
+    order = np.argsort(mask, axis=1, kind="stable")
+    rows = np.arange(ids.shape[0])[:, None]
+    return ids[rows, order], mask[rows, order], pos[:, rows, order]
+
+
+def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
+    """Sample one token per row from fp32 logits [R, V] after temperature, top-k and top-p
+    truncation; temperature 0 is greedy."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_l = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_l, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        keep = before < top_p  # the first token is always kept
+        cutoff = jnp.min(jnp.where(keep, sorted_l, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "num_samples", "temperature", "top_k",
+                     "top_p", "eos_ids", "pad_id"),
+)
+def _generate(graphdef, state, inputs, start_pos, rng, *, max_new_tokens, num_samples,
+              temperature, top_k, top_p, eos_ids, pad_id):
+    model: Qwen25VL = nnx.merge(graphdef, state)
+    opts = model.options
+    mask = inputs["attention_mask"]
+    b, length = mask.shape
+    rows = b * num_samples
+
+    x = model.embed(inputs)
+    h, kvs = model.model(x, inputs["position_ids"], mask, opts, return_kv=True)
+    first_logits = model.logits_from_hidden(h[:, -1])
+
+    def grow(a):  # [B, L, Hkv, D] -> [B * S, L + max_new, Hkv, D]
+        a = jnp.pad(a, ((0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
+        return jnp.repeat(a, num_samples, axis=0)
+
+    caches = [(grow(k), grow(v)) for k, v in kvs]
+    kv_valid = jnp.repeat(jnp.pad(mask.astype(bool), ((0, 0), (0, max_new_tokens))),
+                          num_samples, axis=0)
+    start = jnp.repeat(start_pos, num_samples)
+    logits = jnp.repeat(first_logits, num_samples, axis=0)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def cond(carry):
+        t, done = carry[0], carry[3]
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        t, tokens, logps, done, caches, kv_valid, logits = carry
+        tok = sample_logits(logits, jax.random.fold_in(rng, t), temperature, top_k, top_p)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], -1)[:, 0]
+        tok = jnp.where(done, pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = tokens.at[:, t].set(tok)
+        logps = logps.at[:, t].set(lp)
+        done = done | jnp.isin(tok, eos)
+        slot = length + t
+        kv_valid = kv_valid.at[:, slot].set(True)
+        pos = jnp.broadcast_to((start + t)[None, :, None], (3, rows, 1))
+        xt = model.model.embed_tokens(tok[:, None]).astype(opts.dtype)
+        ht, caches = model.model.decode(xt, pos, caches, slot, kv_valid[:, None, :], opts)
+        logits = model.logits_from_hidden(ht[:, 0])
+        return t + 1, tokens, logps, done, caches, kv_valid, logits
+
+    carry = (
+        jnp.int32(0),
+        jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((rows, max_new_tokens), jnp.float32),
+        jnp.zeros((rows,), bool),
+        caches, kv_valid, logits,
+    )
+    _, tokens, logps, done, *_ = jax.lax.while_loop(cond, body, carry)
+    is_eos = jnp.isin(tokens, eos)
+    first_eos = jnp.argmax(is_eos, axis=1)
+    lengths = jnp.where(is_eos.any(axis=1), first_eos + 1, max_new_tokens)
+    return tokens, logps, lengths
+
+
+def compilation_count() -> int:
+    """How many distinct shapes/settings `generate` has compiled in this process."""
+    return _generate._cache_size()
+
+
+def generate(
+    model: Qwen25VL,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    position_ids=None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_samples: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    rng: jax.Array | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    bucket_shapes: bool = True,
+) -> GenerateOutput:
+    """Sample `num_samples` continuations of each prompt (rows prompt-major: row
+    `b * num_samples + s` is sample s of prompt b).
+
+    `logprobs` are the policy's own log-softmax over the raw logits (no temperature or
+    truncation) at each sampled token: GRPO's old log-probabilities. `position_ids`
+    ([3, B, L], e.g. ETA's) replace the computed prompt positions; decoding continues at
+    each row's max + 1. `max_length` bounds prompt + new tokens (the cache), checked before
+    anything compiles.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, "
+                         f"top_k={top_k}")
+    cfg = model.config
+    inputs = prepare_inputs(
+        cfg, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+        video_grid_thw, second_per_grid_ts, position_ids, bucketed=bucket_shapes,
+    )
+    ids, mask, pos = left_align(inputs["input_ids"], inputs["attention_mask"],
+                                inputs["position_ids"])
+    b, length = ids.shape
+    prompt_len = int(mask.sum(axis=1).max())
+    limit = max_length or cfg.text.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
+            f"of {limit} tokens (max_length)"
+        )
+    start = np.where(mask.any(1), np.where(mask[None] > 0, pos, -1).max(axis=(0, 2)) + 1, 0)
+    if bucket_shapes:
+        lb, bb = bucket(length, 16), 1 << max(0, (b - 1).bit_length())
+        pad_l, pad_b = lb - length, bb - b
+        ids = np.pad(ids, ((0, pad_b), (pad_l, 0)))
+        mask = np.pad(mask, ((0, pad_b), (pad_l, 0)))
+        pos = np.pad(pos, ((0, 0), (0, pad_b), (pad_l, 0)), constant_values=1)
+        start = np.pad(start, (0, pad_b))
+    inputs.update(input_ids=ids, attention_mask=mask, position_ids=pos.astype(np.int32))
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if rng is None:
+        rng = jax.random.key(0)
+    graphdef, state = nnx.split(model)
+    tokens, logps, lengths = _generate(
+        graphdef, state, inputs, jnp.asarray(start, jnp.int32), rng,
+        max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        eos_ids=eos, pad_id=int(pad_id),
+    )
+    n = b * num_samples
+    return GenerateOutput(np.asarray(tokens)[:n], np.asarray(logps)[:n], np.asarray(lengths)[:n])
