@@ -68,6 +68,7 @@ def _compare(model, hf_model, inputs):
     ref = torch_logits(hf_model, inputs, pos)
     valid = np.asarray(inputs["attention_mask"]).astype(bool)
     err = np.abs(ours - ref)[valid].max()
+    print(f"[parity] max |logit diff| vs torch: {err:.2e}")
     assert err <= TOL, f"max |logit diff| {err:.2e} > {TOL}"
     # positions computed internally (not passed) give the same logits
     again = np.asarray(model(**inputs))
@@ -143,6 +144,7 @@ def test_vision_tower_output(model, hf_model):
     with torch.no_grad():
         ref = hf_model.model.visual(torch.as_tensor(pv), grid_thw=torch.as_tensor(grids))
     err = np.abs(ours - ref.pooler_output.numpy()).max()
+    print(f"[parity] vision tower max |diff|: {err:.2e}")
     assert err <= 1e-5, err
 
 

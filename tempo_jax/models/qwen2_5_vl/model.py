@@ -89,14 +89,15 @@ def _inv_freq(theta: float, dim: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- vision tower
-class VisionMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=True, param_dtype=param_dtype, rngs=rngs)
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)); the vision tower's has biases, the decoder's does not."""
+
+    def __init__(self, d: int, f: int, act: str, *, bias: bool, param_dtype, rngs):
+        kw = dict(bias=bias, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
-        self.act = cfg.hidden_act
+        self.act = act
 
     def __call__(self, x, dtype):
         act = _act(self.act)
@@ -139,7 +140,8 @@ class VisionBlock(nnx.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True,
+                            param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, index, valid, slot, opts):
         x = x + self.attn(self.norm1(x), cos, sin, index, valid, slot, opts)
@@ -198,20 +200,6 @@ class VisionTower(nnx.Module):
 
 
 # --------------------------------------------------------------------------- text decoder
-class TextMLP(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=False, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
-        self.act = cfg.hidden_act
-
-    def __call__(self, x, dtype):
-        act = _act(self.act)
-        return self.down_proj(act(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
-
-
 class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -269,7 +257,8 @@ class DecoderLayer(nnx.Module):
         self.self_attn = TextAttention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                                 param_dtype=param_dtype)
-        self.mlp = TextMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
+                            param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, seg, opts):
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, seg, opts)
