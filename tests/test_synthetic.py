@@ -1,0 +1,127 @@
+"""Tests for tempo_jax.data.synthetic: real mp4 files whose pixels match their annotations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tempo_jax.data import synthetic, video
+
+SPEC = synthetic.SyntheticSpec(num=3, seed=0)
+
+
+def _colour_of(query: str) -> str:
+    found = [c for c in synthetic.COLORS if f" {c} " in f" {query} "]
+    assert len(found) == 1, query
+    return found[0]
+
+
+def _load(ann: Path) -> list[dict]:
+    return [json.loads(line) for line in ann.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("syn")
+    ann = synthetic.generate(out, SPEC)
+    return out, _load(ann)
+
+
+def test_annotations_parse(generated):
+    out, lines = generated
+    assert lines, "no annotation lines"
+    videos = sorted({line["video"] for line in lines})
+    assert videos == [f"videos/syn{i:05d}.mp4" for i in range(3)]
+    assert len({line["qid"] for line in lines}) == len(lines)
+    for line in lines:
+        assert set(line) == {"video", "query", "windows", "duration", "qid", "relevant"}
+        assert (out / line["video"]).is_file()
+        assert SPEC.min_duration <= line["duration"] <= SPEC.max_duration
+        info = video.probe(out / line["video"])
+        assert info.duration == pytest.approx(line["duration"])
+        assert (info.width, info.height, info.fps) == (128, 96, 8.0)
+        if line["relevant"]:
+            [(t1, t2)] = line["windows"]
+            assert 0.0 <= t1 < t2 <= line["duration"]
+            assert round(t1, 1) == t1 and round(t2, 1) == t2
+        else:
+            assert line["windows"] == []
+    for v in videos:
+        relevant = [ln for ln in lines if ln["video"] == v and ln["relevant"]]
+        refusals = [ln for ln in lines if ln["video"] == v and not ln["relevant"]]
+        assert 1 <= len(relevant) <= SPEC.max_events
+        assert len(refusals) == SPEC.refusal_queries_per_video
+
+
+def test_object_visible_exactly_inside_its_window(generated):
+    out, lines = generated
+    for line in (ln for ln in lines if ln["relevant"]):
+        path = out / line["video"]
+        colour = _colour_of(line["query"])
+        [(t1, t2)] = line["windows"]
+        # Times well inside vs well outside the window, through read_frames.
+        inside = np.linspace(t1 + 0.07, t2 - 0.07, 5)
+        outside = [t for t in (t1 - 0.5, t1 - 0.2, t2 + 0.2, t2 + 0.5, 0.0) if 0 <= t < t1 - 0.1]
+        outside += [t for t in (t2 + 0.2, t2 + 0.5) if t < line["duration"]]
+        frames, _ = video.read_frames(path, [*inside, *outside])
+        counts = synthetic.colour_pixels(frames, colour)
+        assert np.all(counts[: len(inside)] >= 50), (line["query"], counts)
+        assert np.all(counts[len(inside) :] <= 2), (line["query"], counts)
+        # And exactly: every decoded frame shows the object iff its pts is in [t1, t2].
+        frames, pts = video.read_range(path, 0.0, line["duration"])
+        counts = synthetic.colour_pixels(frames, colour)
+        shown = (pts >= t1 - 1e-6) & (pts <= t2 + 1e-6)
+        assert shown.any() and not shown.all()
+        assert np.all(counts[shown] >= 50), (line["query"], counts, pts)
+        assert np.all(counts[~shown] <= 2), (line["query"], counts, pts)
+
+
+def test_refusal_queries_name_objects_not_shown(generated):
+    out, lines = generated
+    for line in (ln for ln in lines if not ln["relevant"]):
+        colour = _colour_of(line["query"])
+        same_video = [ln for ln in lines if ln["video"] == line["video"] and ln["relevant"]]
+        assert colour not in {_colour_of(ln["query"]) for ln in same_video}
+        frames, _ = video.read_range(out / line["video"], 0.0, line["duration"])
+        assert synthetic.colour_pixels(frames, colour).max() <= 2, line["query"]
+
+
+def test_deterministic_and_idempotent(generated, tmp_path):
+    out, lines = generated
+    ann2 = synthetic.generate(tmp_path / "again", SPEC)
+    assert ann2.read_bytes() == (out / "annotations.jsonl").read_bytes()
+    for v in sorted({line["video"] for line in lines}):
+        a, pa = video.read_range(out / v, 0.0, 100.0)
+        b, pb = video.read_range(tmp_path / "again" / v, 0.0, 100.0)
+        np.testing.assert_array_equal(pa, pb)
+        np.testing.assert_array_equal(a, b)
+    # Rerunning keeps the existing (complete) videos and rewrites identical annotations.
+    first = tmp_path / "again" / lines[0]["video"]
+    stamp = first.stat().st_mtime_ns
+    ann3 = synthetic.generate(tmp_path / "again", SPEC)
+    assert first.stat().st_mtime_ns == stamp
+    assert ann3.read_bytes() == ann2.read_bytes()
+    assert not list((tmp_path / "again").rglob("*.partial"))
+    # Another seed gives other content; another look in the same folder is refused.
+    other = synthetic.generate(tmp_path / "other", synthetic.SyntheticSpec(num=3, seed=1))
+    assert other.read_bytes() != ann2.read_bytes()
+    with pytest.raises(ValueError, match="different spec"):
+        synthetic.generate(tmp_path / "again", synthetic.SyntheticSpec(num=3, seed=0, fps=10))
+
+
+def test_cli_and_sizes(tmp_path):
+    ann = synthetic.main(
+        [
+            "--out", str(tmp_path), "--num", "1", "--seed", "3", "--width", "64",
+            "--height", "48", "--fps", "10", "--min-duration", "3", "--max-duration", "4",
+        ]
+    )  # fmt: skip
+    [*lines] = _load(ann)
+    info = video.probe(tmp_path / lines[0]["video"])
+    assert (info.width, info.height, info.fps) == (64, 48, 10.0)
+    assert 3.0 <= info.duration <= 4.0
+    with pytest.raises(ValueError):
+        synthetic.SyntheticSpec(num=1, width=127)
