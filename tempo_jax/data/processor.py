@@ -1,0 +1,213 @@
+"""Qwen2.5-VL video preprocessing in numpy + PIL (no torch).
+
+Matches what the reference pipeline (qwen-vl-utils + transformers' Qwen2-VL processors) feeds
+the vision tower, so a checkpoint trained with the torch stack sees the same pixels here:
+
+* `smart_resize`: transformers' rule (multiples of 28, aspect kept, pixel count clamped).
+* `resize_frames`: qwen-vl-utils resizes videos with torchvision `resize(BICUBIC,
+  antialias=True)` on uint8 tensors. torchvision's antialiased uint8 path reimplements PIL's
+  resampling (cubic kernel a = -0.5, support widened by the downscale factor, 8-bit output),
+  so PIL's C `Image.resize(BICUBIC)` per frame reproduces it to within rounding (checked
+  against torchvision in a separate benchmark; `tests/test_processor.py` checks PIL against a
+  float numpy reference of that kernel).
+* `normalize`: rescale 1/255 (in float64, then float32, as transformers) and CLIP mean/std.
+* `patchify`: transformers' flattened patch layout, rows ordered (t, h/2, w/2, 2, 2) and
+  columns (C, temporal, 14, 14), so row blocks of one temporal patch are contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "IMAGE_FACTOR", "normalize", "patchify", "process_segments",
+    "process_video", "resize_frames", "smart_resize",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_FACTOR = 28  # patch_size * merge_size
+RESCALE = 1.0 / 255.0
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 14 * 14 * 4 * 1280,
+) -> tuple[int, int]:
+    """Target (h, w): multiples of `factor`, aspect ratio kept, h*w clamped to the pixel range.
+
+    Same arithmetic as transformers' `qwen2_vl.image_processing_qwen2_vl.smart_resize`, so
+    grids (and therefore token counts) agree with the torch reference exactly.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got "
+            f"{max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError("need at least one frame")
+    return frames
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, height, width, 3], antialiased bicubic (a = -0.5).
+
+    PIL's resampler is the one torchvision's uint8 antialias path mirrors, and it runs in C,
+    one frame at a time, without torch.
+    """
+    frames = _check_frames(frames)
+    if frames.dtype != np.uint8:
+        raise TypeError(f"resize_frames expects uint8 frames, got {frames.dtype}")
+    if frames.shape[1:3] == (height, width):
+        return frames
+    out = np.empty((frames.shape[0], height, width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        img = Image.fromarray(np.ascontiguousarray(frame))
+        out[i] = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
+    return out
+
+
+def normalize(frames: np.ndarray, channel_axis: int = -1) -> np.ndarray:
+    """Rescale by 1/255 and apply CLIP mean/std, returning float32.
+
+    transformers rescales in float64 (x * (1/255)) before casting to float32; for the 256
+    uint8 levels float32 x / 255 gives the same bits (checked exhaustively in the tests) at a
+    quarter of the memory traffic, so uint8 input takes that path. Other dtypes are taken as
+    0..255 values and follow transformers' float64 rescale.
+    """
+    x = np.asarray(frames)
+    axis = channel_axis % x.ndim
+    if x.shape[axis] != 3:
+        raise ValueError(f"expected 3 channels on axis {channel_axis}, got shape {x.shape}")
+    shape = [1] * x.ndim
+    shape[axis] = 3
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(shape)
+    std = np.asarray(CLIP_STD, dtype=np.float32).reshape(shape)
+    if x.dtype == np.uint8:
+        y = x.astype(np.float32)
+        y /= np.float32(255.0)
+    else:
+        y = (x.astype(np.float64) * RESCALE).astype(np.float32)
+    y -= mean
+    y /= std
+    return y
+
+
+def _pad_time(frames: np.ndarray, temporal_patch_size: int) -> np.ndarray:
+    """Repeat the last frame until T is a multiple of temporal_patch_size (transformers)."""
+    pad = -frames.shape[0] % temporal_patch_size
+    if pad:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)], axis=0)
+    return frames
+
+
+def _patch_layout(
+    frames: np.ndarray, temporal_patch_size: int, patch_size: int, merge_size: int
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Channels-last [T, H, W, C] (T already padded) -> [N, C*tp*ps*ps], any dtype.
+
+    Equivalent to transformers' channels-first reshape(gt, tp, C, gh/m, m, ps, gw/m, m, ps)
+    + transpose(0, 3, 6, 4, 7, 2, 1, 5, 8), but with a single copy.
+    """
+    t, h, w, c = frames.shape
+    factor = patch_size * merge_size
+    if h % factor or w % factor:
+        raise ValueError(f"frame size {(h, w)} must be a multiple of {factor}")
+    gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
+    x = frames.reshape(
+        gt, temporal_patch_size, gh // merge_size, merge_size, patch_size,
+        gw // merge_size, merge_size, patch_size, c,
+    )
+    # -> (gt, gh/m, gw/m, m_h, m_w, C, tp, ps_h, ps_w)
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    rows = np.ascontiguousarray(x).reshape(gt * gh * gw, c * temporal_patch_size * patch_size**2)
+    return rows, (gt, gh, gw)
+
+
+def patchify(
+    frames: np.ndarray,
+    temporal_patch_size: int = 2,
+    patch_size: int = 14,
+    merge_size: int = 2,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalised float32 [T, H, W, 3] -> (pixel_values [N, 3*tp*ps*ps], grid (t, h, w)).
+
+    T is padded to a multiple of temporal_patch_size by repeating the last frame, as
+    transformers does, so an odd frame count never drops the tail.
+    """
+    frames = _pad_time(_check_frames(frames), temporal_patch_size)
+    return _patch_layout(frames, temporal_patch_size, patch_size, merge_size)
+
+
+def process_video(
+    frames: np.ndarray,
+    resized_hw: tuple[int, int] | None = None,
+    temporal_patch_size: int = 2,
+    patch_size: int = 14,
+    merge_size: int = 2,
+) -> dict[str, np.ndarray]:
+    """uint8 [T, H, W, 3] -> {pixel_values_videos [N, 1176] float32, video_grid_thw [1, 3]}.
+
+    Resizes to `resized_hw` (None keeps the frame size, which must be a multiple of 28),
+    then patchifies the uint8 pixels and normalises in the patch layout: normalisation is
+    elementwise, so the result equals `patchify(normalize(resize_frames(...)))` bit for bit,
+    while the transpose moves 1 byte per value instead of 4.
+    """
+    frames = _check_frames(frames)
+    if resized_hw is not None:
+        frames = resize_frames(frames, int(resized_hw[0]), int(resized_hw[1]))
+    frames = _pad_time(frames, temporal_patch_size)
+    if frames.dtype == np.uint8:
+        rows, grid = _patch_layout(frames, temporal_patch_size, patch_size, merge_size)
+        pixel_values = normalize(rows.reshape(rows.shape[0], 3, -1), channel_axis=1)
+        pixel_values = pixel_values.reshape(rows.shape)
+    else:
+        pixel_values, grid = _patch_layout(
+            normalize(frames), temporal_patch_size, patch_size, merge_size
+        )
+    return {
+        "pixel_values_videos": pixel_values,
+        "video_grid_thw": np.asarray([grid], dtype=np.int64),
+    }
+
+
+def process_segments(
+    frames: np.ndarray,
+    resized_hw: tuple[int, int] | None = None,
+    temporal_patch_size: int = 2,
+    patch_size: int = 14,
+    merge_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like `process_video`, but one grid (1, h, w) per temporal patch, for ETA.
+
+    ETA places every temporal patch in its own vision segment (with its own timestamp), so the
+    model needs K grids instead of one (K, h, w) grid; the pixel rows are unchanged because
+    the layout already stores temporal patch k as the k-th contiguous block of h*w rows.
+    """
+    out = process_video(frames, resized_hw, temporal_patch_size, patch_size, merge_size)
+    gt, gh, gw = (int(v) for v in out["video_grid_thw"][0])
+    grids = np.tile(np.asarray([[1, gh, gw]], dtype=np.int64), (gt, 1))
+    return out["pixel_values_videos"], grids
