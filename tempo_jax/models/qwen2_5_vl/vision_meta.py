@@ -105,11 +105,12 @@ def pack_segments(
     return PackedSegments(index.astype(np.int32), valid, slot.astype(np.int32))
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Round up to the next of {1, 1.25, 1.5, 1.75} x 2^k: at most 25% padding, and only a
-    handful of distinct shapes (compilations) over a whole dataset."""
+def bucket(n: int, minimum: int = 1, steps: int = 4) -> int:
+    """Round up to the next of `steps` evenly spaced sizes per octave ({1, 1.25, 1.5, 1.75} x
+    2^k by default: at most 25% padding), so a whole dataset has only a handful of distinct
+    shapes (compilations)."""
     n = max(int(n), minimum)
-    p = 1 << max(0, (n - 1).bit_length() - 3)
+    p = 1 << max(0, (n - 1).bit_length() - 1 - (steps.bit_length() - 1))
     return -(-n // p) * p
 
 
@@ -148,8 +149,10 @@ def vision_metadata(
     if n_pad > n:
         rot = np.concatenate([rot, np.zeros((n_pad - n, 2), np.int32)])
     if bucketed:
-        full_shape = full_shape or (bucket(len(cu_full) - 1), bucket(frame_len, 16))
-        window_shape = window_shape or (bucket(len(cu_win) - 1), win_len)
+        # segment tables vary with aspect ratio and frame count: coarser buckets (2 per
+        # octave) keep the number of compiled shapes small at a small padding cost
+        full_shape = full_shape or (bucket(len(cu_full) - 1, 4, 2), bucket(frame_len, 64, 2))
+        window_shape = window_shape or (bucket(len(cu_win) - 1, 4, 2), win_len)
     # window permutation applies to merge units; expand it to patches
     patch_perm = (widx[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
     full = pack_segments(cu_full, *(full_shape or (None, None)))
