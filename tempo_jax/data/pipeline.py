@@ -1,0 +1,251 @@
+"""From annotation records to model-ready numpy batches, in Grain worker processes.
+
+Per example (in a worker): probe the video, cheap luma thumbnails, SAA change scores and plan,
+decode only the chosen frames, the Qwen2.5-VL processor with one grid per temporal patch,
+and the ETA prompt with its M-RoPE positions. Per batch: pad text to a bucketed length and
+the patches to a fixed capacity, and build the vision tower's metadata, so the device sees a
+handful of static shapes. A broken video never stops a run: the example is dropped, counted
+and logged with its file and reason (or raised, with `strict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from tempo_jax.data import prompts as prompts_lib
+from tempo_jax.data import saa as saa_lib
+from tempo_jax.data.processor import process_segments
+from tempo_jax.data.sources import GroundingSource, VideoIndex
+from tempo_jax.data.video import VideoError, probe, read_frames, read_thumbnails
+from tempo_jax.models.qwen2_5_vl.config import VisionConfig
+from tempo_jax.models.qwen2_5_vl.vision_meta import bucket, vision_metadata
+
+log = logging.getLogger(__name__)
+
+# fields of a batch that are per-example metadata (python objects), not device arrays
+META_KEYS = ("qid", "video", "query", "windows", "duration", "relevant", "frame_times")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How examples are made and batched (model-side settings live in the model config)."""
+
+    batch_size: int = 4
+    saa: saa_lib.SAAConfig = saa_lib.SAAConfig()
+    prompt: prompts_lib.PromptConfig = prompts_lib.PromptConfig()
+    thumbnail_size: tuple[int, int] = (32, 32)  # (width, height) of the change-score thumbnails
+    with_answer: bool = True  # SFT targets; False for rollouts and evaluation
+    pad_side: str = "right"  # "left" for generation
+    max_seq_len: int | None = None  # pad text to this; None: bucketed per batch
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    seed: int = 0
+    num_workers: int = 0  # Grain worker processes
+    read_threads: int = 2  # threads per process loading examples (decoding releases the GIL)
+    strict: bool = False  # raise on a broken example instead of skipping it
+    tokenizer_path: str | None = None  # None: the offline Qwen2.5 tokenizer
+
+
+def load_example(
+    record: dict, videos: VideoIndex, tokenizer, cfg: PipelineConfig, vision: VisionConfig
+) -> dict[str, Any]:
+    """One record -> prompt tokens, positions, loss mask and patches (numpy)."""
+    path = videos.find(record["video"])
+    info = probe(path)
+    cand_times, grey = read_thumbnails(path, fps=cfg.saa.candidate_fps, size=cfg.thumbnail_size)
+    scores = saa_lib.change_scores(grey, smooth=cfg.saa.smooth, noise=cfg.saa.score_noise)
+    plan = saa_lib.plan(info.duration, (info.height, info.width), cand_times, scores, cfg.saa)
+    frames, pts = read_frames(path, plan.times)
+    pixels, grids = process_segments(frames, plan.resized_hw,
+                                     temporal_patch_size=vision.temporal_patch_size)
+    relevant = bool(record.get("relevant", True))
+    answer = None
+    if cfg.with_answer:
+        window = tuple(record["windows"][0]) if relevant and record["windows"] else None
+        answer = prompts_lib.format_answer(window, cfg.prompt)
+    ex = prompts_lib.build_prompt(
+        tokenizer, record["query"], pts[0::vision.temporal_patch_size], grids, cfg.prompt,
+        answer=answer, spatial_merge_size=vision.spatial_merge_size,
+        tokens_per_second=vision.tokens_per_second,
+    )
+    ex["pixel_values"] = pixels
+    ex["qid"] = str(record.get("qid", ""))
+    ex["video"] = str(record["video"])
+    ex["query"] = record["query"]
+    ex["windows"] = [list(map(float, w)) for w in record.get("windows", [])]
+    ex["duration"] = float(record.get("duration") or info.duration)
+    ex["relevant"] = relevant
+    ex["frame_times"] = pts
+    return ex
+
+
+class LoadExample(grain.transforms.Map):
+    """Grain transform: runs in the worker processes; loads the tokenizer once per worker.
+
+    Returns `{"skip": "<file>: <problem>"}` for a broken example (unless `strict`), so that the
+    main process counts and logs it without stopping.
+    """
+
+    def __init__(self, video_root: str, cfg: PipelineConfig, vision: VisionConfig):
+        self.video_root = video_root
+        self.cfg = cfg
+        self.vision = vision
+        self._tok = None
+        self._videos = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # workers rebuild the tokenizer and the lock
+        return {**self.__dict__, "_tok": None, "_videos": None, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def map(self, record: dict) -> dict:
+        with self._lock:  # Grain maps in threads; build once (lazy imports are not thread-safe)
+            if self._tok is None:
+                self._tok = prompts_lib.load_tokenizer(self.cfg.tokenizer_path)
+                self._videos = VideoIndex(self.video_root)
+        try:
+            return load_example(record, self._videos, self._tok, self.cfg, self.vision)
+        except (VideoError, FileNotFoundError, ValueError) as e:
+            if self.cfg.strict:
+                raise
+            return {"skip": str(e), "qid": str(record.get("qid", ""))}
+
+
+class SkipCounter:
+    """Main-process filter: drops skipped examples, counting and logging each one."""
+
+    def __init__(self):
+        self.count = 0
+        self.reasons: list[str] = []
+
+    def __call__(self, ex: dict) -> bool:
+        if "skip" in ex:
+            self.count += 1
+            if len(self.reasons) < 1000:
+                self.reasons.append(ex["skip"])
+            log.warning("skipping example %s: %s", ex.get("qid", "?"), ex["skip"])
+            return False
+        return True
+
+
+def collate(
+    examples: Sequence[dict], cfg: PipelineConfig, vision: VisionConfig,
+    patch_capacity: int | None = None,
+) -> dict[str, Any]:
+    """Pad a list of examples to static shapes: text to `max_seq_len` (or a bucket), patches to
+    `patch_capacity` (or a bucket), and build the vision tower's metadata."""
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    pad_to = cfg.max_seq_len or bucket(max(lengths), 64)
+    if max(lengths) > pad_to:
+        raise ValueError(f"example of {max(lengths)} tokens exceeds max_seq_len {pad_to}")
+    text = prompts_lib.build_batch(examples, pad_to=pad_to, side=cfg.pad_side)
+    pixels = np.concatenate([ex["pixel_values"] for ex in examples])
+    grids = np.concatenate([ex["video_grid_thw"] for ex in examples]).astype(np.int64)
+    n = pixels.shape[0]
+    capacity = patch_capacity or bucket(n, 64)
+    if n > capacity:
+        raise ValueError(f"batch has {n} patches, more than the capacity {capacity}")
+    meta = vision_metadata(grids, vision, num_patches=capacity, bucketed=True)
+    batch = {
+        "input_ids": text["input_ids"].astype(np.int32),
+        "attention_mask": text["attention_mask"].astype(np.int32),
+        "position_ids": text["position_ids"].astype(np.int32),
+        "loss_mask": text["loss_mask"],
+        "pixel_values": np.pad(pixels, ((0, capacity - n), (0, 0))),
+        "video_grid_thw": grids,
+        "vision_meta": meta,
+        "num_image_features": np.int32(0),
+    }
+    batch["meta"] = [{k: ex[k] for k in META_KEYS} for ex in examples]
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The arrays `Qwen25VL.forward` reads (drops host-only metadata)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_meta",
+            "num_image_features")
+    return {k: batch[k] for k in keys}
+
+
+@dataclasses.dataclass
+class Loader:
+    """A checkpointable batch iterator: `get_state()` / `set_state()` restore exactly the next
+    batch (Grain iterator state), `skipped` counts dropped examples."""
+
+    dataset: Any
+    skip_counter: SkipCounter
+    _it: Any = None
+
+    def __iter__(self):
+        if self._it is None:
+            self._it = iter(self.dataset)
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.dataset)
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        iter(self)
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        iter(self)
+        self._it.set_state(state)
+
+    @property
+    def skipped(self) -> int:
+        return self.skip_counter.count
+
+
+def make_loader(
+    records: Sequence[dict],
+    video_root: str,
+    cfg: PipelineConfig,
+    vision: VisionConfig,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    patch_capacity: int | None = None,
+) -> Loader:
+    """Grain pipeline: source -> (per-host shard) -> shuffle / repeat -> load in workers ->
+    drop and count broken examples -> static-shape batches.
+
+    `shard_index`/`shard_count` (e.g. `jax.process_index()`, `jax.process_count()`) give each
+    host its own share of the records. `patch_capacity` fixes the patch dimension (default:
+    `batch_size * 4 * saa.max_visual_tokens`, every example's worst case).
+    """
+    ds = grain.MapDataset.source(GroundingSource(records))
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    ds = ds.seed(cfg.seed)
+    if cfg.shuffle:
+        ds = ds.shuffle()
+    if cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(LoadExample(video_root, cfg, vision))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=2 * cfg.batch_size))
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags; we run outside absl.app
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    counter = SkipCounter()
+    it = it.filter(counter)
+    capacity = patch_capacity or cfg.batch_size * vision.merge_unit * cfg.saa.max_visual_tokens
+    it = it.batch(cfg.batch_size,
+                  batch_fn=lambda exs: collate(exs, cfg, vision, patch_capacity=capacity))
+    return Loader(it, counter)
