@@ -1,8 +1,9 @@
 """How many times does a typical evaluation compile the sampling engine?
 
-Simulates an evaluation over videos of varied length and aspect ratio (the grids a token
-budget produces: more frames for longer videos, fewer pixels per frame) with batched greedy
-decoding on the tiny model, and counts distinct compilations of `generate`.
+Simulates an evaluation over videos of varied length (10 s to 150 s) and aspect ratio, each
+planned by SAA under one visual-token budget and split into ETA segments (one grid per
+temporal patch), with batched greedy decoding on the tiny model, and counts distinct
+compilations of `generate`.
 
     python scripts/count_compilations.py [--queries 64] [--batch 4]
 
@@ -31,21 +32,25 @@ def main() -> None:
     cfg = preset("tiny")
     model = Qwen25VL(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    budget = 256  # merged visual tokens per video
-    shapes = [(16, 28), (20, 20), (28, 16), (12, 36)]  # patch grids of 4 aspect ratios
+    from tempo_jax.data.saa import SAAConfig, plan
+
+    saa = SAAConfig(max_visual_tokens=256, min_pixels=4 * 28 * 28)
+    sizes = [(360, 640), (480, 640), (720, 1280), (640, 360)]  # frame (h, w)
     batches = 0
     for start in range(0, args.queries, args.batch):
         rows, pix, grids = [], [], []
         for _ in range(min(args.batch, args.queries - start)):
-            h, w = shapes[rng.integers(len(shapes))]
-            t = int(min(budget // (h * w // 4), rng.integers(2, 12)))
-            n_vis = t * h * w // 4
-            text = rng.integers(10, 150_000, size=int(rng.integers(20, 60)))
-            rows.append(np.concatenate([text[:8], [cfg.vision_start_token_id],
-                                        np.full(n_vis, cfg.video_token_id),
-                                        [cfg.vision_end_token_id], text[8:]]))
+            frame_hw = sizes[rng.integers(len(sizes))]
+            p = plan(float(rng.uniform(10, 150)), frame_hw, cfg=saa)
+            t, h, w = p.grid_thw
+            text = rng.integers(10, 150_000, size=int(rng.integers(40, 80)))
+            row = list(text[:20])
+            for _k in range(t):  # ETA: a timestamp then one segment per temporal patch
+                row += [11, 12, cfg.vision_start_token_id]
+                row += [cfg.video_token_id] * (h * w // 4) + [cfg.vision_end_token_id]
+                grids.append((1, h, w))
+            rows.append(np.asarray(row + list(text[20:])))
             pix.append(rng.standard_normal((t * h * w, cfg.vision.patch_dim), np.float32))
-            grids.append((t, h, w))
         width = max(len(r) for r in rows)
         ids = np.zeros((len(rows), width), np.int64)
         mask = np.zeros_like(ids)
@@ -54,7 +59,7 @@ def main() -> None:
         generate(model, ids, mask, pixel_values_videos=np.concatenate(pix), video_grid_thw=grids,
                  max_new_tokens=8, temperature=0)
         batches += 1
-        print(f"batch {batches}: prompt width {width}, grids {grids}, "
+        print(f"batch {batches}: prompt width {width}, {len(grids)} segments, "
               f"compilations so far {compilation_count()}", flush=True)
     print(json.dumps({"queries": args.queries, "batches": batches,
                       "compilations": compilation_count()}))
