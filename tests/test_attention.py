@@ -44,6 +44,17 @@ def _causal_padded(b, length, lens, left):
 
 
 @pytest.mark.parametrize("left", [False, True])
+def test_xla_key_padding_and_causal_flag_match_numpy(left):
+    """The fast path: key padding as a bias and the causal mask generated per block."""
+    q, k, v = _inputs(2, length=300)
+    valid, allowed = _causal_padded(2, 300, [300, 177], left)
+    out = np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.2,
+                               kv_valid=jnp.asarray(valid), causal=True))
+    ref = _reference(q, k, v, allowed, 0.2)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=2e-5)
+
+
+@pytest.mark.parametrize("left", [False, True])
 def test_xla_matches_numpy_causal_padded(left):
     q, k, v = _inputs(0)
     valid, allowed = _causal_padded(2, 128, [128, 77], left)
@@ -62,11 +73,11 @@ def test_splash_interpret_matches_xla(causal):
     seg[1, 90:] = 0 if causal else 2
     same = seg[:, :, None] == seg[:, None, :]
     allowed = same & (np.tril(np.ones((length, length), bool))[None] if causal else True)
-    kw = dict(scale=32**-0.5, mask=jnp.asarray(allowed), q_segment_ids=jnp.asarray(seg),
-              kv_segment_ids=jnp.asarray(seg), causal=causal)
-    ref = np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="xla", **kw))
+    ref = np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="xla",
+                               scale=32**-0.5, mask=jnp.asarray(allowed), causal=causal))
     out = np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="splash",
-                               splash_interpret=True, **kw))
+                               splash_interpret=True, scale=32**-0.5, causal=causal,
+                               q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg)))
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
 

@@ -36,16 +36,23 @@ def _mask5(mask, hkv, g):
     return mask.reshape(mask.shape[0], hkv, g, *mask.shape[-2:])
 
 
-def _attend(q, k, v, mask, scale):
+def _attend(q, k, v, mask, bias, scale, causal_from: int | None):
     """Head-major core: q [B, Hkv, G, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hkv, G, Lq, D].
 
     Leading batch dimensions and plain matmuls: on CPU this layout is ~3x faster than an
-    einsum with the batch axes in the middle.
+    einsum with the batch axes in the middle. `bias` [B, 1, 1, 1, Lk] carries key padding
+    (cheaper than a full mask), `causal_from` the first query row's index for a causal mask
+    generated in place.
     """
     b, hkv, g, lq, d = q.shape
     logits = jnp.matmul(q.reshape(b, hkv, g * lq, d), jnp.swapaxes(k, -1, -2),
                         preferred_element_type=jnp.float32)
     logits = logits.reshape(b, hkv, g, lq, -1) * scale
+    if bias is not None:
+        logits = logits + bias
+    if causal_from is not None:
+        rows = causal_from + jnp.arange(lq)[:, None]
+        logits = jnp.where(rows >= jnp.arange(logits.shape[-1])[None, :], logits, _NEG)
     if mask is not None:
         logits = jnp.where(mask, logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -54,44 +61,53 @@ def _attend(q, k, v, mask, scale):
 
 
 def xla_attention(
-    q, k, v, mask, scale: float, causal: bool = False, block: int = 128,
-    heads_first: bool = False,
+    q, k, v, mask=None, scale: float = 1.0, causal: bool = False, block: int = 128,
+    heads_first: bool = False, kv_valid=None,
 ):
     """Grouped-query attention without repeating k/v; logits and softmax in fp32.
 
-    Layout `[B, L, H, D]`, or `[B, H, L, D]` with `heads_first`. Long queries run in blocks
-    of `block` rows: with `causal` self-attention a block reads only the keys up to its last
-    row (half the work), and the smaller working set is itself ~3x faster on CPU than one
-    [L, L] softmax. `mask` must still carry the causal constraint: blocking never changes
-    which keys are visible.
+    Layout `[B, L, H, D]`, or `[B, H, L, D]` with `heads_first`. What may be attended is the
+    conjunction of `mask` ([B, Lq, Lk] or [B, 1|H, Lq, Lk]), `kv_valid` ([B, Lk] key padding)
+    and `causal` (self-attention, query i sees keys <= i). Long queries run in blocks of
+    `block` rows: causally a block reads only the keys up to its last row (half the work), and
+    the smaller working set is itself ~3x faster on CPU than one [L, L] softmax.
     """
     if not heads_first:
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = h // hkv
+    if causal and lq != lk:
+        raise ValueError("causal attention here is self-attention (Lq == Lk); pass a mask")
     qg = q.reshape(b, hkv, g, lq, d)
     m = None if mask is None else _mask5(mask, hkv, g)
-    if lq <= block:
-        out = _attend(qg, k, v, m, scale)
-    else:
-        outs = []
-        for st in range(0, lq, block):
-            en = min(lq, st + block)
-            kend = en if causal and lq == lk else lk
-            mb = None if m is None else m[..., st:en, :kend]
-            outs.append(_attend(qg[..., st:en, :], k[:, :, :kend], v[:, :, :kend], mb, scale))
-        out = jnp.concatenate(outs, axis=3)
+    bias = None
+    if kv_valid is not None:
+        bias = jnp.where(kv_valid, 0.0, _NEG).astype(jnp.float32)[:, None, None, None, :]
+    outs = []
+    for st in range(0, lq, block):
+        en = min(lq, st + block)
+        kend = en if causal else lk
+        mb = None if m is None else m[..., st:en, :kend]
+        bb = None if bias is None else bias[..., :kend]
+        outs.append(_attend(qg[..., st:en, :], k[:, :, :kend], v[:, :, :kend], mb, bb, scale,
+                            st if causal else None))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out = out.reshape(b, h, lq, d).astype(q.dtype)
     return out if heads_first else jnp.swapaxes(out, 1, 2)
 
 
-def cudnn_attention(q, k, v, mask, scale: float, heads_first: bool = False):
+def cudnn_attention(q, k, v, mask, scale: float, heads_first: bool = False, kv_valid=None,
+                    causal: bool = False):
     if heads_first:
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if kv_valid is not None:
+        kv = kv_valid[:, None, None, :]
+        mask = kv if mask is None else mask & kv
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                       implementation="cudnn")
     return jnp.swapaxes(out, 1, 2) if heads_first else out
 
 
@@ -156,20 +172,27 @@ def splash_attention(
 
 
 def attention(
-    q, k, v, *, scale: float, backend: str = "xla", mask=None,
+    q, k, v, *, scale: float, backend: str = "xla", mask=None, kv_valid=None,
     q_segment_ids=None, kv_segment_ids=None, causal: bool = False,
     splash_interpret: bool = False, heads_first: bool = False,
 ):
     """Dispatch to a backend; layout [B, L, H, D], or [B, H, L, D] with `heads_first`.
 
-    `mask` (bool, xla/cudnn) must already include causality; `splash` builds causality
-    itself and reads padding from the segment ids instead.
+    Visibility is `mask` & `kv_valid` (key padding, [B, Lk]) & `causal`. `splash` expresses
+    padding and packing as segment ids instead (taken from `kv_valid` when not given) and
+    accepts no general mask.
     """
     if backend == "xla":
-        return xla_attention(q, k, v, mask, scale, causal=causal, heads_first=heads_first)
+        return xla_attention(q, k, v, mask, scale, causal=causal, heads_first=heads_first,
+                             kv_valid=kv_valid)
     if backend == "cudnn":
-        return cudnn_attention(q, k, v, mask, scale, heads_first=heads_first)
+        return cudnn_attention(q, k, v, mask, scale, heads_first=heads_first,
+                               kv_valid=kv_valid, causal=causal)
     if backend == "splash":
+        if mask is not None:
+            raise ValueError("the splash backend takes segment ids, not a general mask")
+        if q_segment_ids is None:
+            q_segment_ids = kv_segment_ids = kv_valid.astype(jnp.int32)
         return splash_attention(
             q, k, v, q_segment_ids, kv_segment_ids, scale, causal, interpret=splash_interpret,
             heads_first=heads_first,

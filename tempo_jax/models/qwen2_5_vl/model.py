@@ -124,12 +124,10 @@ class VisionAttention(nnx.Module):
         # [S, H, Lmax, D]; keys outside a segment are masked
         s, lmax = index.shape
         qs, ks, vs = (jnp.swapaxes(jnp.swapaxes(t, 0, 1)[:, index], 0, 1) for t in (q, k, v))
-        mask = jnp.broadcast_to(valid[:, None, :], (s, lmax, lmax))
-        seg = valid.astype(jnp.int32)
         out = attention(
-            qs, ks, vs, scale=self.head_dim**-0.5, backend=opts.attention_backend, mask=mask,
-            q_segment_ids=seg, kv_segment_ids=seg, causal=False,
-            splash_interpret=opts.splash_interpret, heads_first=True,
+            qs, ks, vs, scale=self.head_dim**-0.5, backend=opts.attention_backend,
+            kv_valid=valid, causal=False, splash_interpret=opts.splash_interpret,
+            heads_first=True,
         )
         out = jnp.swapaxes(out, 1, 2).reshape(s * lmax, -1)[slot]
         return self.proj(out, opts.dtype)
@@ -223,14 +221,14 @@ class TextAttention(nnx.Module):
         k = _apply_rope(k, cos[:, :, None], sin[:, :, None])
         return q, k, v
 
-    def __call__(self, x, cos, sin, mask, seg, opts: RuntimeOptions):
-        """Self-attention over the sequence; also returns (k, v) for a KV cache."""
+    def __call__(self, x, cos, sin, valid, opts: RuntimeOptions):
+        """Causal self-attention over the sequence (`valid` [B, L]: key padding); also returns
+        (k, v) for a KV cache."""
         b, seq = x.shape[:2]
         q, k, v = self.project(x, cos, sin, opts)
         out = attention(
-            q, k, v, scale=self.head_dim**-0.5, backend=opts.attention_backend, mask=mask,
-            q_segment_ids=seg, kv_segment_ids=seg, causal=True,
-            splash_interpret=opts.splash_interpret,
+            q, k, v, scale=self.head_dim**-0.5, backend=opts.attention_backend, kv_valid=valid,
+            causal=True, splash_interpret=opts.splash_interpret,
         )
         return self.o_proj(out.reshape(b, seq, -1), opts.dtype), (k, v)
 
@@ -260,8 +258,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
                             param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, seg, opts):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, seg, opts)
+    def __call__(self, x, cos, sin, valid, opts):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, valid, opts)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), kv
 
@@ -307,13 +305,9 @@ class TextModel(nnx.Module):
                  return_kv: bool = False):
         """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
         (the prefill of a KV cache)."""
-        b, seq = x.shape[:2]
         cos, sin = self.mrope(position_ids)
         valid = attention_mask.astype(bool)
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
-        mask = causal[None] & valid[:, None, :]
-        seg = valid.astype(jnp.int32)
-        layer_fn = lambda layer, h: layer(h, cos, sin, mask, seg, opts)
+        layer_fn = lambda layer, h: layer(h, cos, sin, valid, opts)
         if opts.remat != "none":
             policy = (
                 jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
