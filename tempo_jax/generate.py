@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.model import Qwen25VL, prepare_inputs
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 
@@ -160,6 +161,35 @@ def generate(
     each row's max + 1. `max_length` bounds prompt + new tokens (the cache), checked before
     anything compiles.
     """
+    inputs = prepare_inputs(
+        model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
+        bucketed=bucket_shapes,
+    )
+    return generate_from_inputs(
+        model, inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, num_samples=num_samples, eos_token_id=eos_token_id, rng=rng,
+        pad_token_id=pad_token_id, max_length=max_length, bucket_shapes=bucket_shapes,
+    )
+
+
+def generate_from_inputs(
+    model: Qwen25VL,
+    inputs: dict,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_samples: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    rng: jax.Array | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    bucket_shapes: bool = True,
+) -> GenerateOutput:
+    """`generate` on inputs already prepared on the host (`prepare_inputs`, or a batch of
+    the data pipeline: input_ids, attention_mask, position_ids and the vision arrays)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1:
@@ -168,12 +198,10 @@ def generate(
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, "
                          f"top_k={top_k}")
     cfg = model.config
-    inputs = prepare_inputs(
-        cfg, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-        video_grid_thw, second_per_grid_ts, position_ids, bucketed=bucket_shapes,
-    )
-    ids, mask, pos = left_align(inputs["input_ids"], inputs["attention_mask"],
-                                inputs["position_ids"])
+    inputs = dict(inputs)
+    ids, mask, pos = left_align(np.asarray(inputs["input_ids"]),
+                                np.asarray(inputs["attention_mask"]),
+                                np.asarray(inputs["position_ids"]))
     b, length = ids.shape
     prompt_len = int(mask.sum(axis=1).max())
     limit = max_length or cfg.text.max_position_embeddings
@@ -182,7 +210,7 @@ def generate(
             f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
             f"of {limit} tokens (max_length)"
         )
-    start = np.where(mask.any(1), np.where(mask[None] > 0, pos, -1).max(axis=(0, 2)) + 1, 0)
+    start = pos_lib.decode_start(pos, mask)
     if bucket_shapes:
         lb, bb = bucket(length, 16), 1 << max(0, (b - 1).bit_length())
         pad_l, pad_b = lb - length, bb - b
@@ -190,7 +218,10 @@ def generate(
         mask = np.pad(mask, ((0, pad_b), (pad_l, 0)))
         pos = np.pad(pos, ((0, 0), (0, pad_b), (pad_l, 0)), constant_values=1)
         start = np.pad(start, (0, pad_b))
-    inputs.update(input_ids=ids, attention_mask=mask, position_ids=pos.astype(np.int32))
+    keep = ("pixel_values", "vision_meta", "num_image_features")
+    inputs = {k: inputs[k] for k in keep if k in inputs}
+    inputs.update(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+                  position_ids=pos.astype(np.int32))
     eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
     pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if rng is None:

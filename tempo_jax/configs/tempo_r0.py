@@ -1,0 +1,114 @@
+"""Tempo-R0: SFT then PIR-GRPO on a Qwen2.5-VL backbone.
+
+    python -m tempo_jax.train --config configs/tempo_r0.py:tiny   # CPU demo, synthetic videos
+    python -m tempo_jax.train --config configs/tempo_r0.py:7b --config.rl.beta=0 \\
+        --config.model.init_checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.train=...
+
+One schema for every size; each field is documented where it is set.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in ("tiny", "3b", "7b"):
+        raise ValueError(f"config argument must be tiny, 3b or 7b, got {arg!r}")
+    tiny = arg == "tiny"
+    c = ml_collections.ConfigDict()
+    c.size = arg
+    c.stages = "sft,grpo"  # comma-separated, run in order; resume continues the current stage
+    c.seed = 0
+
+    # ------------------------------------------------------------------ model
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = arg  # tempo_jax.models.qwen2_5_vl.config presets (tiny/3b/7b)
+    c.model.init_checkpoint = ""  # HF Qwen2.5-VL dir to start from; "" = random init (tiny)
+    c.model.dtype = "float32" if tiny else "bfloat16"  # parameter and compute dtype
+    c.model.attention_backend = "xla"  # xla | cudnn (GPU) | splash (TPU)
+    c.model.remat = "none" if tiny else "full"  # none | full | dots
+    c.model.freeze_vision = not tiny  # the open TVG recipes freeze the vision tower
+    c.model.tiny_overrides = ml_collections.ConfigDict()  # tiny only: wider/deeper demo model
+    c.model.tiny_overrides.hidden_size = 128
+    c.model.tiny_overrides.num_hidden_layers = 4
+    c.model.tiny_overrides.num_attention_heads = 4
+    c.model.tiny_overrides.intermediate_size = 256
+
+    # ------------------------------------------------------------------ data
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic" if tiny else "qvhighlights"  # synthetic|qvhighlights|charades|jsonl
+    c.data.train = ""  # annotation file (synthetic: generated under workdir/data)
+    c.data.val = ""
+    c.data.video_root = ""
+    c.data.charades_durations = ""  # Charades_v1_{split}.csv for source=charades
+    c.data.synthetic_train = 384  # synthetic videos for training (tiny)
+    c.data.synthetic_val = 48  # held-out synthetic videos for evaluation
+    c.data.irrelevant_ratio = 0.2  # PIR: fraction of samples whose query comes from another video
+    c.data.num_workers = 0 if tiny else 8  # Grain worker processes
+    c.data.cache_examples = tiny  # keep processed examples in memory (small datasets)
+    c.data.max_seq_len = 512 if tiny else 8192
+
+    # SAA frame allocation (tempo_jax.data.saa.SAAConfig)
+    c.saa = ml_collections.ConfigDict()
+    c.saa.enabled = True
+    c.saa.max_visual_tokens = 96 if tiny else 3584  # merged visual tokens per video
+    c.saa.min_pixels = 4 * 28 * 28 if tiny else 16 * 28 * 28  # per-frame pixel floor
+    c.saa.max_pixels = 4 * 28 * 28 if tiny else 768 * 28 * 28  # per-frame pixel ceiling
+    c.saa.mean_fps = 1.0 if tiny else 2.0  # target frames per second before the budget
+    c.saa.min_frames = 4
+    c.saa.max_frames = 32 if tiny else 768
+
+    # ETA prompt (tempo_jax.data.prompts.PromptConfig)
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.textual_timestamps = True  # "3.5s" before each temporal patch
+    c.prompt.time_aligned_positions = True  # M-RoPE temporal index from real time
+    c.prompt.thinking = False  # <think>...</think> before <answer>
+    c.prompt.answer_decimals = 0 if tiny else 1  # precision of the answer's seconds
+
+    # ------------------------------------------------------------------ SFT
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 600 if tiny else 2000
+    c.sft.batch_size = 16 if tiny else 64  # global batch (sequences)
+    c.sft.learning_rate = 2e-3 if tiny else 1e-5
+    c.sft.warmup_steps = 30 if tiny else 100
+
+    # ------------------------------------------------------------------ PIR-GRPO
+    c.rl = ml_collections.ConfigDict()
+    c.rl.steps = 60 if tiny else 1000
+    c.rl.batch_size = 8 if tiny else 32  # prompts per step (each sampled num_generations times)
+    c.rl.num_generations = 8  # G
+    c.rl.learning_rate = 2e-4 if tiny else 1e-6
+    c.rl.warmup_steps = 5 if tiny else 20
+    c.rl.temperature = 1.0
+    c.rl.top_p = 1.0
+    c.rl.max_new_tokens = 16 if tiny else 256
+    c.rl.beta = 0.04  # k3 KL to the frozen reference; 0 drops the reference model
+    c.rl.eps_low = 0.2
+    c.rl.eps_high = 0.28  # DAPO clip-higher
+    c.rl.loss_agg = "token-mean"  # token-mean | seq-mean-token-mean
+    c.rl.num_iterations = 1  # optimizer passes per rollout batch
+    c.rl.scale_rewards = True  # False: Dr.GRPO, no std scaling
+    c.rl.iou_type = "iou"  # iou | time_r1
+    c.rl.rewards = "format,accuracy"
+
+    # ------------------------------------------------------------------ optimizer
+    c.optim = ml_collections.ConfigDict()
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.accum_steps = 1  # gradient accumulation: micro-batches per update
+    c.optim.fp32_state = True  # optimizer moments in fp32 even for bf16 parameters
+
+    # ------------------------------------------------------------------ run
+    c.ckpt_every = 100 if tiny else 500  # steps between Orbax checkpoints
+    c.ckpt_keep = 2
+    c.log_every = 10
+    c.eval_every = 0  # 0: evaluate at the end of each stage only
+    c.eval_max_new_tokens = 16 if tiny else 64
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.tensor = 1
+    return c
