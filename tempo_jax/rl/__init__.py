@@ -1,0 +1,1 @@
+"""PIR-GRPO reinforcement learning: rewards, advantages and the GRPO loop."""
