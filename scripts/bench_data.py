@@ -5,8 +5,10 @@ feed the model the pixels the torch reference would. This script measures clips/
 whole per-clip preprocessing on 2-minute 640x360 synthetic H.264 clips, both sides at the same
 visual-token budget, in the same process, interleaved (so load from other processes hits both):
 
-* ours: ``probe`` -> grey thumbnails -> ``change_scores`` -> SAA ``plan`` -> ``read_frames`` ->
-  ``process_video`` (tempo_jax.data);
+* ours: ``video.read_for_saa`` (one decode pass: probe, grey thumbnails, ``change_scores``,
+  SAA ``plan``, then RGB and the processor's resize for the chosen frames only, on
+  ``decode_threads()`` threads) -> ``process_video`` (tempo_jax.data), as the data pipeline
+  runs it;
 * reference: qwen-vl-utils ``fetch_video({"video": path, "fps": 2.0, "total_pixels": ...,
   "min_pixels": ...})`` with its decord backend (``FORCE_QWENVL_VIDEO_READER=decord``), then
   transformers' ``Qwen2VLVideoProcessor`` with the released Qwen2.5-VL preprocessor settings
@@ -20,9 +22,10 @@ The token counts of both sides are reported (and must agree).
 
 It also measures our throughput with 0, 1 and 2 worker processes (a plain multiprocessing Pool
 over clips, no data-loader framework; workers return only shapes, so the numbers are the
-processing, not the transfer), and checks ``processor.resize_frames`` against torchvision's
-``resize(BICUBIC, antialias=True)`` on uint8 frames (goal: within 2/255) and our
-``process_video`` against the transformers processor on the same frames.
+processing, not the transfer; each of k workers decodes with max(1, cpus // k) threads), and
+checks ``processor.resize_frames`` against torchvision's ``resize(BICUBIC, antialias=True)``
+on uint8 frames at down- and up-scales (goal: within 2/255) and our ``process_video`` against
+the transformers processor on the same frames.
 
 The reference needs torchvision and decord, which cannot live in the main venv, so run it in
 a separate one::
@@ -41,6 +44,7 @@ The last output line is a JSON object (``ours_clips_per_s``, ``reference_clips_p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import multiprocessing as mp
@@ -62,7 +66,7 @@ else:  # decord has no wheel for this Python: fall back to torchvision's reader,
 
 from tempo_jax.data import saa, video  # noqa: E402
 from tempo_jax.data.preview import thumbnail_size  # noqa: E402
-from tempo_jax.data.processor import process_video, resize_frames  # noqa: E402
+from tempo_jax.data.processor import process_video, resize_frame, resize_frames  # noqa: E402
 from tempo_jax.data.synthetic import SyntheticSpec, generate  # noqa: E402
 
 BUDGET_TOKENS = 3584  # merged visual tokens per video (R1-style TVG recipes)
@@ -79,21 +83,22 @@ GOAL_RATIO = 1.5
 def ours_one(path: str, cfg: saa.SAAConfig, stages: dict[str, float] | None = None) -> dict:
     """Our full per-clip pipeline; adds per-stage seconds into ``stages`` when given."""
     t0 = time.perf_counter()
-    info = video.probe(path)
-    times, grey = video.read_thumbnails(
-        path, fps=cfg.candidate_fps, size=thumbnail_size(info.width, info.height)
+
+    def plan_fn(info: video.VideoInfo, times: np.ndarray, grey: np.ndarray) -> saa.Plan:
+        scores = saa.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
+        return saa.plan(info.duration, (info.height, info.width), times, scores, cfg)
+
+    read = video.read_for_saa(
+        path, plan_fn, candidate_fps=cfg.candidate_fps, thumb_size=thumbnail_size,
+        keep_fps=max(cfg.candidate_fps, cfg.max_fps),
+        transform=lambda plan, frame: resize_frame(frame, *plan.resized_hw),
     )
+    p, frames = read.plan, read.frames
     t1 = time.perf_counter()
-    scores = saa.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
-    p = saa.plan(info.duration, (info.height, info.width), times, scores, cfg)
-    t2 = time.perf_counter()
-    frames, _ = video.read_frames(path, p.times)
-    t3 = time.perf_counter()
     out = process_video(frames, p.resized_hw)
-    t4 = time.perf_counter()
+    t2 = time.perf_counter()
     if stages is not None:
-        for k, v in (("probe+thumbnails", t1 - t0), ("scores+plan", t2 - t1),
-                     ("read_frames", t3 - t2), ("process_video", t4 - t3)):
+        for k, v in (("read_for_saa", t1 - t0), ("process_video", t2 - t1)):
             stages[k] = stages.get(k, 0.0) + v
     grid = [int(v) for v in out["video_grid_thw"][0]]
     return {
@@ -102,7 +107,12 @@ def ours_one(path: str, cfg: saa.SAAConfig, stages: dict[str, float] | None = No
         "grid": grid,
         "tokens": grid[0] * (grid[1] // 2) * (grid[2] // 2),
         "pixel_values_shape": list(out["pixel_values_videos"].shape),
+        "single_pass": read.single_pass,
     }
+
+
+def _set_decode_threads(n: int) -> None:
+    os.environ[video.DECODE_THREADS_ENV] = str(n)
 
 
 def _worker(args: tuple[str, dict[str, Any]]) -> dict:
@@ -239,6 +249,7 @@ def workers_throughput(paths: Sequence[str], cfg: saa.SAAConfig, counts: Sequenc
     """
     jobs = [(p, cfg.to_dict()) for p in paths] * repeat
     out: dict[str, float] = {}
+    cpus = video.decode_threads()
     for k in counts:
         if k == 0:
             _worker(jobs[0])  # warm caches like the pools below
@@ -247,7 +258,8 @@ def workers_throughput(paths: Sequence[str], cfg: saa.SAAConfig, counts: Sequenc
                 _worker(job)
             dt = time.perf_counter() - t0
         else:
-            with mp.get_context("spawn").Pool(k) as pool:
+            threads = max(1, cpus // k)
+            with mp.get_context("spawn").Pool(k, _set_decode_threads, (threads,)) as pool:
                 pool.map(_worker, jobs[:k], chunksize=1)  # start-up and imports, untimed
                 t0 = time.perf_counter()
                 pool.map(_worker, jobs, chunksize=1)
@@ -263,10 +275,12 @@ def workers_throughput(paths: Sequence[str], cfg: saa.SAAConfig, counts: Sequenc
 
 def make_clips(data_dir: Path, n: int, width: int, height: int, fps: float, seconds: float
                ) -> list[str]:
-    """Generate (once; cached) ``n`` synthetic clips; a subfolder per look, so looks never mix."""
-    sub = data_dir / f"{width}x{height}_{fps:g}fps_{seconds:g}s"
+    """Generate (once; cached) ``n`` synthetic clips; a subfolder per look (named by a hash of
+    the whole spec but ``num``), so looks never mix."""
     spec = SyntheticSpec(num=n, seed=0, width=width, height=height, fps=fps,
                          min_duration=seconds, max_duration=seconds)
+    look = hashlib.sha1(json.dumps(spec.looks(), sort_keys=True).encode()).hexdigest()[:8]
+    sub = data_dir / f"{width}x{height}_{fps:g}fps_{seconds:g}s_{look}"
     t0 = time.perf_counter()
     generate(sub, spec, progress=True)
     print(f"clips ready in {sub} ({time.perf_counter() - t0:.1f}s)", flush=True)
@@ -320,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Same budget -> same tokens: check on every clip before timing anything.
     ours_info = [ours_one(p, cfg) for p in paths]
+    print(f"decoder threads {video.decode_threads()}, single pass on "
+          f"{sum(a['single_pass'] for a in ours_info)}/{len(paths)} clips", flush=True)
     ref_info = [ref.one(p) for p in paths]
     for p, a, b in zip(paths, ours_info, ref_info, strict=True):
         print(f"  {Path(p).name}: ours {a['frames']} frames {a['resized_hw']} grid {a['grid']} "
@@ -349,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     src_h, src_w = args.height, args.width
     # The benchmark's own size, other downscales, and upscales (small videos get upscaled to
     # min_pixels by both pipelines).
-    sizes = [(h, w), (224, 392), (336, 588), (src_h + 28, src_w + 56), (2 * src_h, 2 * src_w)]
+    sizes = [(h, w), (56, 112), (224, 392), (336, 588), (280, 280), (src_h + 28, src_w + 56),
+             (2 * src_h, 2 * src_w)]
     sizes = [(max(28, a // 28 * 28), max(28, b // 28 * 28)) for a, b in sizes]
     parity = resize_parity(paths[:2], sizes)
     print(f"  max abs diff {parity['max']} (per size {parity['per_size']}), "
@@ -376,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "resized_hw_ours": ours_info[0]["resized_hw"],
         "resized_hw_reference": ref_info[0]["resized_hw"],
         "workers": {k: round(v, 4) for k, v in workers.items()},
+        "decode_threads": video.decode_threads(),
+        "single_pass": all(a["single_pass"] for a in ours_info),
         "resize_max_abs_diff_vs_torchvision": parity["max"],
         "resize_mean_abs_diff_vs_torchvision": round(parity["mean"], 5),
         "resize_max_abs_diff_by_size": parity["per_size"],

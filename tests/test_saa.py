@@ -143,6 +143,23 @@ def test_uniform_mode_is_exactly_qwen_2fps():
     np.testing.assert_array_equal(p.times, np.arange(40) * 0.5)
 
 
+def test_uniform_mode_covers_the_whole_video_when_the_budget_cuts_frames():
+    # 300 s at 2 fps would be 600 frames; 1024 tokens at >= 16 tokens per frame allow 128
+    cfg = S.SAAConfig(enabled=False, max_visual_tokens=1024)
+    p = S.plan(300.0, (360, 640), cfg=cfg)
+    assert p.n_frames < 600 and p.num_visual_tokens <= 1024
+    assert p.times[0] == pytest.approx(0.0, abs=1e-9)
+    assert p.times[-1] == pytest.approx(300.0, abs=300.0 / p.n_frames)
+    gaps = np.diff(p.times)
+    np.testing.assert_allclose(gaps, 300.0 / (p.n_frames - 1), rtol=1e-9)
+    # every minute of the video gets its share of frames
+    per_minute = np.histogram(p.times, bins=5, range=(0.0, 300.0))[0]
+    assert per_minute.min() >= p.n_frames // 5 - 1
+    # max_frames cuts the same way (2 hours at 2 fps > 768 frames)
+    p = S.plan(7200.0, (36, 64), cfg=S.SAAConfig(enabled=False, max_visual_tokens=10**6))
+    assert p.n_frames == 768 and p.times[-1] == pytest.approx(7200.0)
+
+
 def test_deterministic_for_a_seed():
     c, s = _busy_scores()
     cfg = S.SAAConfig(jitter=0.8, seed=3)

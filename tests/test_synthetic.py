@@ -125,3 +125,45 @@ def test_cli_and_sizes(tmp_path):
     assert 3.0 <= info.duration <= 4.0
     with pytest.raises(ValueError):
         synthetic.SyntheticSpec(num=1, width=127)
+
+
+def test_saa_crowds_frames_inside_the_event(tmp_path):
+    """The background is static and objects keep moving, so SAA (as the data pipeline runs
+    it, on the decoded video) gives an event window more frames per second than the rest."""
+    from tempo_jax.data import saa
+    from tempo_jax.data.pipeline import PipelineConfig, plan_video
+
+    spec = synthetic.SyntheticSpec(num=4, seed=0, max_events=1, distractor_prob=0.0)
+    lines = [ln for ln in _load(synthetic.generate(tmp_path, spec)) if ln["relevant"]]
+    cfg = PipelineConfig()
+    assert len(lines) == 4
+    for line in lines:
+        [(t1, t2)] = line["windows"]
+        read = video.read_for_saa(
+            tmp_path / line["video"], lambda info, c, g: plan_video(info, c, g, cfg.saa),
+            thumb_size=cfg.thumbnail_size, rgb=False)
+        times, duration = read.plan.times, line["duration"]
+        inside = (times >= t1) & (times <= t2)
+        ratio = (inside.sum() / (t2 - t1)) / ((~inside).sum() / (duration - (t2 - t1)))
+        assert ratio > 1.5, (line["query"], ratio)
+        # and the change score itself is what rises inside the window
+        scores = saa.change_scores(read.grey)
+        c = read.cand_times
+        assert scores[(c > t1 + 0.5) & (c < t2 - 0.5)].mean() > 3 * scores[(c < t1 - 0.5) | (
+            c > t2 + 0.5)].mean() + 0.05, line["query"]
+
+
+def test_background_is_static_and_drift_is_optional(tmp_path):
+    spec = synthetic.SyntheticSpec(num=1, seed=2, max_events=1, distractor_prob=0.0)
+    [line, *_] = _load(synthetic.generate(tmp_path / "static", spec))
+    [(t1, _t2)] = line["windows"]
+    frames, _ = video.read_range(tmp_path / "static" / line["video"], 0.0, t1 - 0.05)
+    assert len(frames) >= 3
+    assert np.abs(frames[1:].astype(int) - frames[:-1]).mean() < 0.5  # coding noise only
+    drifting = synthetic.SyntheticSpec(num=1, seed=2, max_events=1, distractor_prob=0.0,
+                                       background_drift=4.0)
+    [line, *_] = _load(synthetic.generate(tmp_path / "drift", drifting))
+    frames, _ = video.read_range(tmp_path / "drift" / line["video"], 0.0, t1 - 0.05)
+    assert np.abs(frames[1:].astype(int) - frames[:-1]).mean() > 2
+    with pytest.raises(ValueError):
+        synthetic.SyntheticSpec(num=1, sweep_seconds=-1.0)

@@ -335,6 +335,7 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
 _READERS = {
     "probe": video.probe,
     "thumbnails": video.read_thumbnails,
+    "for_saa": lambda p: video.read_for_saa(p, lambda info, c, g: [0.5]),
     "frames": lambda p: video.read_frames(p, [0.5]),
     "range": lambda p: video.read_range(p, 0.0, 1.0),
 }
@@ -371,5 +372,149 @@ def test_truncated_after_header_is_detected(tmp_path):
         video.read_frames(cut, [3.5])
     with pytest.raises(video.VideoError, match="truncated"):
         video.read_thumbnails(cut)
+    with pytest.raises(video.VideoError, match="truncated"):
+        video.read_for_saa(cut, lambda info, c, g: [0.25])
     out, _ = video.read_frames(cut, [0.25])  # the part that is there still reads
     assert out.shape == (1, H, W, 3)
+
+
+# ------------------------------------------------------------------ single-pass reader
+
+
+def _plan_every_other(info, cand, grey):
+    """A plan_fn: every other candidate (on the grid, so nearest frames are unambiguous)."""
+    return cand[::2]
+
+
+def test_read_for_saa_equals_the_two_pass_readers(tmp_path):
+    frames = _grey_frames(19)
+    frames[6] = frames[6].copy()
+    frames[6][:8, :8] = (255, 0, 0)
+    path = _write(tmp_path / "s.mp4", frames, gop=4)
+    seen = {}
+
+    def plan_fn(info, cand, grey):
+        seen.update(info=info, cand=cand.copy(), grey=grey.copy())
+        return np.asarray([0.75, 0.0, 2.25, 0.5, 0.5])  # any order, repeats allowed
+
+    read = video.read_for_saa(path, plan_fn, candidate_fps=4.0, thumb_size=(16, 8))
+    info, cand, grey, out, pts = read  # unpacks like a tuple
+    assert info == video.probe(path) == seen["info"]
+    ref_t, ref_g = video.read_thumbnails(path, fps=4.0, size=(16, 8))
+    np.testing.assert_array_equal(cand, ref_t)
+    np.testing.assert_array_equal(grey, ref_g)
+    ref, ref_pts = video.read_frames(path, [0.75, 0.0, 2.25, 0.5, 0.5])
+    np.testing.assert_array_equal(pts, ref_pts)
+    np.testing.assert_array_equal(out, ref)
+    assert read.single_pass and read.plan.shape == (5,)
+    r, g, b = out[0, 2, 2].astype(int)  # frame 6 (0.75 s): the red corner, in RGB order
+    assert r > 200 and g < 60 and b < 60
+    # the thumbnail size may depend on the display size; plan_fn may return a Plan-like object
+    plan = type("P", (), {"times": np.asarray([1.0])})()
+    read = video.read_for_saa(path, lambda *a: plan, thumb_size=lambda w, h: (w // 4, h // 4))
+    assert read.grey.shape[1:] == (H // 4, W // 4) and read.plan is plan
+    np.testing.assert_allclose(read.pts, [1.0])
+
+
+def test_read_for_saa_memory_bound_falls_back_to_two_passes(tmp_path, monkeypatch):
+    path = _write(tmp_path / "m.mp4", _grey_frames(16))
+    want = [0.1, 0.3, 1.37, 1.9]  # off the candidate grid: the two paths may differ
+    one = video.read_for_saa(path, lambda *a: want)
+    two = video.read_for_saa(path, lambda *a: want, max_keep_bytes=0)
+    assert one.single_pass and not two.single_pass
+    ref, ref_pts = video.read_frames(path, want)
+    np.testing.assert_array_equal(two.pts, ref_pts)
+    np.testing.assert_array_equal(two.frames, ref)
+    # single pass: the nearest frames on the candidate grid (4 fps of an 8 fps video; the
+    # grid's last time inside the video is 1.75 s)
+    np.testing.assert_allclose(one.pts, [0.0, 0.25, 1.25, 1.75])
+    assert [_index_of(f) for f in one.frames] == [0, 2, 10, 14]
+    # without a duration in the metadata the bound is enforced while decoding
+    nodur = _write(tmp_path / "nodur.mkv", _grey_frames(16), fmt="matroska", non_seekable=True)
+    frame_bytes = W * H * 3 // 2
+    late = video.read_for_saa(nodur, lambda *a: want, max_keep_bytes=3 * frame_bytes)
+    assert not late.single_pass
+    np.testing.assert_array_equal(late.frames, ref)
+    assert late.info.duration == pytest.approx(2.0) and late.info.num_frames == 16
+    # a transform runs on every returned frame, in both modes
+    halve = lambda plan, f: f[::2, ::2]  # noqa: E731
+    for kw in ({}, {"max_keep_bytes": 0}):
+        small = video.read_for_saa(path, lambda *a: want, transform=halve, **kw)
+        assert small.frames.shape == (4, H // 2, W // 2, 3)
+    # rgb=False: thumbnails and plan only
+    bare = video.read_for_saa(path, lambda *a: want, rgb=False)
+    assert bare.frames is None and bare.pts is None and bare.plan == want
+
+
+def test_read_for_saa_gives_a_pair_distinct_frames():
+    kept = np.arange(8) * 0.25
+    # 0.3 and 0.4 are both nearest to 0.25: the second takes 0.5 (within a grid step)
+    np.testing.assert_array_equal(video._match_kept(kept, np.asarray([0.3, 0.4]), 0.25), [1, 2])
+    # far apart times keep their nearest frames; ties go to the earlier frame
+    np.testing.assert_array_equal(
+        video._match_kept(kept, np.asarray([1.125, 0.0, 9.0]), 0.25), [4, 0, 7])
+    # more times than frames: repeats rather than jumps; equal times share their frame
+    np.testing.assert_array_equal(
+        video._match_kept(kept[:2], np.asarray([0.0, 0.05, 0.1]), 0.25), [0, 1, 1])
+    np.testing.assert_array_equal(
+        video._match_kept(kept, np.asarray([0.5, 0.5, 0.75]), 0.25), [2, 2, 3])
+
+
+def test_read_for_saa_raw_stream_and_rotation(tmp_path):
+    raw = _write(tmp_path / "raw.h264", _grey_frames(16), fmt="h264")
+    read = video.read_for_saa(raw, _plan_every_other)
+    assert read.info.duration == pytest.approx(2.0) and read.info.num_frames == 16
+    assert read.info.fps == pytest.approx(8.0)
+    np.testing.assert_allclose(read.pts, np.arange(0, 2, 0.5))
+    frames = _grey_frames(8)
+    for f in frames:
+        f[: H // 2, : W // 4] = 255
+    rotated = _write(tmp_path / "rot.mp4", frames, rotation=90)
+    read = video.read_for_saa(rotated, _plan_every_other)
+    ref, _ = video.read_frames(rotated, read.plan)
+    np.testing.assert_array_equal(read.frames, ref)
+    assert read.frames.shape[1:3] == (W, H) and read.grey.shape[1:] == (32, 32)
+
+
+@pytest.mark.parametrize("fw,fh,w,h", [(640, 360, 64, 36), (640, 360, 32, 32), (67, 45, 9, 7),
+                                       (1280, 720, 50, 31), (64, 48, 64, 48)])
+def test_luma_thumbnail_is_the_area_mean(fw, fh, w, h):
+    rng = np.random.default_rng(fw + h)
+    y = rng.integers(0, 256, (fh, fw), dtype=np.uint8)
+    rgb = np.repeat(y[..., None], 3, axis=-1)
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj444p")
+    plane = frame.planes[0]
+    luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:fh, :fw]
+    rows, cols = (np.arange(h) * fh) // h, (np.arange(w) * fw) // w
+    sums = np.add.reduceat(np.add.reduceat(luma.astype(np.int64), rows, 0), cols, 1)
+    counts = np.outer(np.diff(np.append(rows, fh)), np.diff(np.append(cols, fw)))
+    expected = np.clip(np.rint(sums / counts), 0, 255)
+    np.testing.assert_array_equal(video._luma_thumbnail(frame, w, h), expected)
+
+
+def test_decoder_threading_follows_the_slices(tmp_path, monkeypatch):
+    frames = [np.full((64, 96, 3), 10 * i, np.uint8) for i in range(8)]
+    _write(tmp_path / "one.mp4", frames)
+    c = av.open(str(tmp_path / "many.mp4"), "w")
+    s = c.add_stream("libx264", rate=8)
+    s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+    s.options = {"preset": "ultrafast", "slices": "4"}
+    for i, rgb in enumerate(frames):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        f.pts = i
+        c.mux(s.encode(f))
+    c.mux(s.encode())
+    c.close()
+    monkeypatch.setenv(video.DECODE_THREADS_ENV, "3")
+    assert video.decode_threads() == 3
+    kinds = {}
+    for name in ("one", "many"):
+        with video._open(tmp_path / f"{name}.mp4") as src:
+            frames_read = list(video._iter_frames(src))
+            cc = src.stream.codec_context
+            kinds[name] = (cc.thread_type.name, cc.thread_count)
+        assert len(frames_read) == 8
+    assert kinds["many"] == ("SLICE", 3)
+    assert kinds["one"][0] in ("AUTO", "FRAME") and kinds["one"][1] == 3
+    monkeypatch.setenv(video.DECODE_THREADS_ENV, "x")
+    assert 1 <= video.decode_threads() <= 8

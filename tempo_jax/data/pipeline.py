@@ -1,8 +1,9 @@
 """From annotation records to model-ready numpy batches, in Grain worker processes.
 
-Per example (in a worker): probe the video, cheap luma thumbnails, SAA change scores and plan,
-decode only the chosen frames, the Qwen2.5-VL processor with one grid per temporal patch,
-and the ETA prompt with its M-RoPE positions. Per batch: pad text to a bucketed length and
+Per example (in a worker): one decode pass over the video (`video.read_for_saa`: luma
+thumbnails, SAA change scores and plan, then RGB and the processor's resize for the chosen
+frames only), the Qwen2.5-VL processor with one grid per temporal patch, and the ETA prompt
+with its M-RoPE positions. Per batch: pad text to a bucketed length and
 the patches to a fixed capacity, and build the vision tower's metadata, so the device sees a
 handful of static shapes. A broken video never stops a run: the example is dropped, counted
 and logged with its file and reason (or raised, with `strict`).
@@ -21,9 +22,9 @@ import numpy as np
 
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
-from tempo_jax.data.processor import process_segments
+from tempo_jax.data.processor import process_segments, resize_frame
 from tempo_jax.data.sources import GroundingSource, VideoIndex
-from tempo_jax.data.video import VideoError, probe, read_frames, read_thumbnails
+from tempo_jax.data.video import VideoError, read_for_saa
 from tempo_jax.models.qwen2_5_vl.config import VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket, vision_metadata
 
@@ -50,20 +51,37 @@ class PipelineConfig:
     num_workers: int = 0  # Grain worker processes
     read_threads: int = 2  # threads per process loading examples (decoding releases the GIL)
     strict: bool = False  # raise on a broken example instead of skipping it
+    # decoded candidate frames one video may hold (single decode pass); above it, two passes
+    max_keep_bytes: int = 1 << 30
     tokenizer_path: str | None = None  # None: the offline Qwen2.5 tokenizer
+
+
+def plan_video(info: Any, cand_times: np.ndarray, grey: np.ndarray,
+               cfg: saa_lib.SAAConfig) -> saa_lib.Plan:
+    """SAA change scores of the thumbnails and the plan (frame times and resolution)."""
+    scores = saa_lib.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
+    return saa_lib.plan(info.duration, (info.height, info.width), cand_times, scores, cfg)
 
 
 def load_example(
     record: dict, videos: VideoIndex, tokenizer, cfg: PipelineConfig, vision: VisionConfig
 ) -> dict[str, Any]:
-    """One record -> prompt tokens, positions, loss mask and patches (numpy)."""
+    """One record -> prompt tokens, positions, loss mask and patches (numpy).
+
+    The frame times in the prompt (ETA) and in `frame_times` are the real times of the frames
+    used, which `read_for_saa` takes from the frames it kept on its candidate grid (within
+    half a grid step of the planned times).
+    """
     path = videos.find(record["video"])
-    info = probe(path)
-    cand_times, grey = read_thumbnails(path, fps=cfg.saa.candidate_fps, size=cfg.thumbnail_size)
-    scores = saa_lib.change_scores(grey, smooth=cfg.saa.smooth, noise=cfg.saa.score_noise)
-    plan = saa_lib.plan(info.duration, (info.height, info.width), cand_times, scores, cfg.saa)
-    frames, pts = read_frames(path, plan.times)
-    pixels, grids = process_segments(frames, plan.resized_hw,
+    read = read_for_saa(
+        path, lambda info, cand, grey: plan_video(info, cand, grey, cfg.saa),
+        candidate_fps=cfg.saa.candidate_fps, thumb_size=cfg.thumbnail_size,
+        keep_fps=max(cfg.saa.candidate_fps, cfg.saa.max_fps),
+        transform=lambda plan, frame: resize_frame(frame, *plan.resized_hw),
+        max_keep_bytes=cfg.max_keep_bytes,
+    )
+    info, plan, pts = read.info, read.plan, read.pts
+    pixels, grids = process_segments(read.frames, plan.resized_hw,
                                      temporal_patch_size=vision.temporal_patch_size)
     relevant = bool(record.get("relevant", True))
     answer = None

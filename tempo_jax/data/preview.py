@@ -1,7 +1,8 @@
 """Preview what the model will see of a video: SAA (or uniform) frames, resolution, tokens.
 
 SAA's allocation is invisible in a training log, so this tool makes it inspectable: it runs
-the same steps as the data pipeline (probe -> grey thumbnails -> change scores -> plan) and
+the same steps as the data pipeline (one ``video.read_for_saa`` pass: grey thumbnails ->
+change scores -> plan, and with ``--png`` the chosen frames) and
 prints the frame times, the resized frame size, the vision grid and the visual-token count
 against the budget. ``--png`` draws a contact sheet (the chosen frames at the model's
 resolution, each titled with its time) above the change-score curve with a tick at every
@@ -27,12 +28,13 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from tempo_jax.data import saa, video
-from tempo_jax.data.processor import resize_frames
+from tempo_jax.data.processor import resize_frame
 
 __all__ = [
     "JSON_KEYS", "PreviewError", "main", "preview", "render_text", "save_contact_sheet",
@@ -68,20 +70,32 @@ def preview(path: str | Path, saa_cfg: saa.SAAConfig | None = None) -> dict[str,
     uniform mode too, so both modes can be plotted against the same curve. Raises
     :class:`tempo_jax.data.video.VideoError` (or :class:`PreviewError`) for bad input.
     """
-    cfg = saa_cfg or saa.SAAConfig()
+    return _run(path, saa_cfg or saa.SAAConfig(), with_frames=False)[0]
+
+
+def _run(path: str | Path, cfg: saa.SAAConfig, with_frames: bool
+         ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """``preview``'s result and, with ``with_frames``, the chosen frames at the model's
+    resolution (what the model sees) with their real times, from one decode pass."""
     spath = str(path)
-    info = video.probe(path)
-    if not (info.duration > 0 and math.isfinite(info.duration)):
-        raise PreviewError(f"{spath}: zero-length video (duration {info.duration:g} s)")
-    times, grey = video.read_thumbnails(
-        path, fps=cfg.candidate_fps, size=thumbnail_size(info.width, info.height)
+
+    def plan_fn(info: video.VideoInfo, times: np.ndarray, grey: np.ndarray) -> SimpleNamespace:
+        if not (info.duration > 0 and math.isfinite(info.duration)):
+            raise PreviewError(f"{spath}: zero-length video (duration {info.duration:g} s)")
+        scores = saa.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
+        try:
+            p = saa.plan(info.duration, (info.height, info.width), times, scores, cfg)
+        except ValueError as exc:
+            raise PreviewError(f"{spath}: {exc}") from exc
+        return SimpleNamespace(info=info, plan=p, times=p.times, scores=scores)
+
+    read = video.read_for_saa(
+        path, plan_fn, candidate_fps=cfg.candidate_fps, thumb_size=thumbnail_size,
+        keep_fps=max(cfg.candidate_fps, cfg.max_fps), rgb=with_frames,
+        transform=lambda r, f: resize_frame(f, *r.plan.resized_hw),
     )
-    scores = saa.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
-    try:
-        p = saa.plan(info.duration, (info.height, info.width), times, scores, cfg)
-    except ValueError as exc:
-        raise PreviewError(f"{spath}: {exc}") from exc
-    return {
+    info, p, scores = read.plan.info, read.plan.plan, read.plan.scores
+    result = {
         "video": spath,
         "duration": float(info.duration),
         "mode": "saa" if cfg.enabled else "uniform",
@@ -93,9 +107,10 @@ def preview(path: str | Path, saa_cfg: saa.SAAConfig | None = None) -> dict[str,
         "frame_hw": [int(info.height), int(info.width)],
         "fps": float(info.fps),
         "num_frames": info.num_frames,
-        "candidate_times": [float(t) for t in times],
+        "candidate_times": [float(t) for t in read.cand_times],
         "change_scores": [float(s) for s in scores],
     }
+    return result, read.frames, read.pts
 
 
 def render_text(result: dict[str, Any], width: int = 88) -> str:
@@ -190,13 +205,6 @@ def save_contact_sheet(
     return out
 
 
-def _frames_for_sheet(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the planned frames and resize them as the processor does (what the model sees)."""
-    frames, pts = video.read_frames(result["video"], result["frame_times"])
-    h, w = result["resized_hw"]
-    return resize_frames(frames, h, w), pts
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m tempo_jax.data.preview", description=__doc__.splitlines()[0]
@@ -225,10 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         saa.SAAConfig(), enabled=bool(args.saa), max_visual_tokens=int(args.max_tokens)
     )
     try:
-        result = preview(args.video, cfg)
+        result, frames, pts = _run(args.video, cfg, with_frames=bool(args.png))
         sheet = None
         if args.png:
-            frames, pts = _frames_for_sheet(result)
             try:
                 sheet = save_contact_sheet(result, frames, pts, args.png)
             except OSError as exc:

@@ -5,11 +5,15 @@ the vision tower, so a checkpoint trained with the torch stack sees the same pix
 
 * `smart_resize`: transformers' rule (multiples of 28, aspect kept, pixel count clamped).
 * `resize_frames`: qwen-vl-utils resizes videos with torchvision `resize(BICUBIC,
-  antialias=True)` on uint8 tensors. torchvision's antialiased uint8 path reimplements PIL's
-  resampling (cubic kernel a = -0.5, support widened by the downscale factor, 8-bit output),
-  so PIL's C `Image.resize(BICUBIC)` per frame reproduces it to within rounding (checked
-  against torchvision in a separate benchmark; `tests/test_processor.py` checks PIL against a
-  float numpy reference of that kernel).
+  antialias=True)` on uint8 tensors, which converts them to float32, runs the separable
+  antialiased cubic (a = -0.5, support widened by the downscale factor; width pass, then
+  height pass, no rounding in between), then clamps to [0, 255] and rounds half to even.
+  PIL's resampler is the same kernel (torch's AA code was ported from it), but its 8-bit path
+  rounds and clips between the two passes and uses fixed-point weights: up to 26/255 off on
+  noisy frames. So each channel is resized as a PIL "F" (float32) image, in C, then clamped
+  and rounded like torchvision: within 1/255 of torchvision at every down- and up-scale
+  measured (`scripts/bench_data.py` reports it; `tests/test_processor.py` checks the float
+  path against a numpy reference of the kernel).
 * `normalize`: rescale 1/255 (in float64, then float32, as transformers) and CLIP mean/std.
 * `patchify`: transformers' flattened patch layout, rows ordered (t, h/2, w/2, 2, 2) and
   columns (C, temporal, 14, 14), so row blocks of one temporal patch are contiguous.
@@ -24,7 +28,7 @@ from PIL import Image
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGE_FACTOR", "normalize", "patchify", "process_segments",
-    "process_video", "resize_frames", "smart_resize",
+    "process_video", "resize_frame", "resize_frames", "smart_resize",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,22 +76,48 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> uint8 [T, height, width, 3], antialiased bicubic (a = -0.5).
+def _resize_into(frame: np.ndarray, out: np.ndarray) -> None:
+    """uint8 [H, W, 3] -> float32 [3, h, w] (unrounded) into ``out``, one PIL "F" image per
+    channel (PIL's float path keeps full precision between its two passes)."""
+    height, width = out.shape[1:]
+    for c, band in enumerate(Image.fromarray(frame).split()):
+        out[c] = np.asarray(band.convert("F").resize((width, height), Image.Resampling.BICUBIC))
 
-    PIL's resampler is the one torchvision's uint8 antialias path mirrors, and it runs in C,
-    one frame at a time, without torch.
+
+def resize_frames(frames: np.ndarray, height: int, width: int, *, threads: int = 1) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, height, width, 3], torchvision's antialiased bicubic.
+
+    Float resampling per channel (PIL "F", a = -0.5 cubic with the antialias support), then
+    clamp to [0, 255] and round half to even, as torchvision does for uint8 input. PIL
+    releases the GIL while resampling, so ``threads > 1`` splits the frames over threads.
     """
     frames = _check_frames(frames)
     if frames.dtype != np.uint8:
         raise TypeError(f"resize_frames expects uint8 frames, got {frames.dtype}")
     if frames.shape[1:3] == (height, width):
         return frames
-    out = np.empty((frames.shape[0], height, width, 3), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        img = Image.fromarray(np.ascontiguousarray(frame))
-        out[i] = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
-    return out
+    work = np.empty((frames.shape[0], 3, height, width), dtype=np.float32)
+
+    def one(i: int) -> None:
+        _resize_into(np.ascontiguousarray(frames[i]), work[i])
+
+    threads = max(1, min(int(threads), frames.shape[0]))
+    if threads == 1:
+        for i in range(frames.shape[0]):
+            one(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(frames.shape[0])))
+    np.clip(work, 0.0, 255.0, out=work)
+    np.rint(work, out=work)  # half to even, as torch.round
+    return np.ascontiguousarray(work.astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One uint8 [H, W, 3] frame -> uint8 [height, width, 3] (see `resize_frames`)."""
+    return resize_frames(np.asarray(frame)[None], height, width)[0]
 
 
 def normalize(frames: np.ndarray, channel_axis: int = -1) -> np.ndarray:

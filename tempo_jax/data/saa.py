@@ -11,9 +11,10 @@ The vision tokens of a video are a fixed budget. SAA spends it where the content
 4. `plan`: frame count and `smart_resize` resolution chosen together so the merged visual
    tokens never exceed `max_visual_tokens`.
 
-`enabled=False` gives the stock uniform sampling (Qwen's 2 fps) under the same budget logic, for
-ablations. The plan carries the real time of every frame; nothing downstream may assume uniform
-spacing (ETA uses `Plan.segment_times`).
+`enabled=False` gives the stock uniform sampling (Qwen's 2 fps; spread over the whole video when
+the budget affords fewer frames) under the same budget logic, for ablations. The plan carries
+the real time of every frame; nothing downstream may assume uniform spacing (ETA uses
+`Plan.segment_times`).
 """
 
 from __future__ import annotations
@@ -203,9 +204,19 @@ def _water_fill(w: np.ndarray, lens: np.ndarray, total: float, lo: float, hi: fl
 
 
 def _uniform_times(duration: float, n: int, fps: float) -> np.ndarray:
-    """Frames k/fps from t=0 (the stock layout), spread evenly if they would not fit."""
-    step = 1.0 / fps if (n - 1) / fps <= duration else duration / n
-    return np.arange(n, dtype=np.float64) * step
+    """Uniform sampling over the whole video.
+
+    When the budget affords the fps-implied frame count (round(duration * fps), made even) and
+    those frames fit, frames are k/fps from t=0 (the stock 2 fps layout). Otherwise (the token
+    budget or max_frames cut the count, or a short video needs min_frames) the n frames are
+    spread evenly from the first frame to the end, as qwen-vl-utils does
+    (`linspace(0, total_frames - 1, nframes)`), so a long video is covered to its end rather
+    than only over its first n/fps seconds.
+    """
+    full = int(round(duration * fps))
+    if n >= full - full % TEMPORAL_PATCH and (n - 1) / fps <= duration:
+        return np.arange(n, dtype=np.float64) / fps
+    return np.linspace(0.0, duration, n, dtype=np.float64)
 
 
 def frame_times(

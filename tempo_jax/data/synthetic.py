@@ -1,13 +1,20 @@
 """Synthetic grounding videos: real H.264 mp4 files of coloured shapes with exact windows.
 
 Tests, the demo and benchmarks need videos with known ground truth and no download. Each
-video shows a grey noise texture that drifts gently (so no two frames are identical) and
-1 to ``max_events`` *named* objects ("red circle", "blue square", ...). Event object k is
-drawn in exactly the frames whose presentation time lies in its window ``[t1, t2]``
-(seconds, multiples of 0.1) and moves in one direction meanwhile; an optional distractor
-object appears too but is never queried. Every object in a video has its own colour, so a
-colour test on decoded pixels tells which object is on screen. Refusal queries name
-colours never shown in that video.
+video shows a static grey noise texture (``background_drift`` pixels of slow drift, 0 by
+default) and 1 to ``max_events`` *named* objects ("red circle", "blue square", ...) with a
+thin black outline. Event object k is drawn in exactly the frames whose presentation time
+lies in its window ``[t1, t2]`` (seconds, multiples of 0.1) and moves in one direction
+meanwhile: it sweeps across its quarter of the frame every ``sweep_seconds`` and re-enters
+from the start side; an optional distractor object appears too but is never queried. Every
+object in a video has its own colour, so a colour test on decoded pixels tells which object
+is on screen. Refusal queries name colours never shown in that video.
+
+The background is static and the objects are outlined and keep moving so that what changes
+in a video is its events: SAA's change score (luma differences of small thumbnails) then
+rises inside the event windows and crowds frames there, as on real videos with a steady
+camera. (A drifting texture moves every pixel and drowns the objects; some colours, e.g.
+magenta and green, have nearly the background's luma and show up only through the outline.)
 
 ``generate`` writes ``videos/*.mp4`` and ``annotations.jsonl`` (one line per video-query
 pair: ``video``, ``query``, ``windows``, ``duration``, ``qid``, ``relevant``).
@@ -88,6 +95,9 @@ class SyntheticSpec:
     crf: int = 18
     preset: str = "veryfast"
     gop_seconds: float = 2.0  # keyframe interval, so that seeking is exercised
+    background_drift: float = 0.0  # amplitude (pixels) of the background's slow drift
+    sweep_seconds: float = 2.0  # an object crosses its lane this often; 0: once per window
+    outline: bool = True  # black outline around objects (luma contrast for every colour)
 
     def __post_init__(self) -> None:
         if self.num < 0:
@@ -103,6 +113,11 @@ class SyntheticSpec:
             )
         if not 1 <= self.max_events <= 3:  # each object owns a quarter of the frame
             raise ValueError(f"max_events must be in [1, 3], got {self.max_events}")
+        if not (self.background_drift >= 0 and self.sweep_seconds >= 0):
+            raise ValueError(
+                f"background_drift and sweep_seconds must be >= 0, got {self.background_drift}, "
+                f"{self.sweep_seconds}"
+            )
 
     def looks(self) -> dict[str, Any]:
         """The fields that decide a video's content (all but ``num``)."""
@@ -201,6 +216,9 @@ def plan_video(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, Any]:
         "width": spec.width,
         "height": spec.height,
         "texture_seed": int(rng.integers(2**31)),
+        "background_drift": float(spec.background_drift),
+        "sweep_seconds": float(spec.sweep_seconds),
+        "outline": max(1, int(round(r / 8))) if spec.outline else 0,
         "events": [o for o in objects if not o["distractor"]],
         "distractors": [o for o in objects if o["distractor"]],
         "absent_queries": absent,
@@ -244,14 +262,30 @@ def _texture(seed: int, height: int, width: int) -> np.ndarray:
     return np.clip(grey[..., None] + tint, 50.0, 175.0)
 
 
+def _erode(mask: np.ndarray, k: int) -> np.ndarray:
+    """Binary erosion by a (2k+1) x (2k+1) square (pixels outside the mask count as off)."""
+    if k <= 0:
+        return mask
+    pad = np.pad(mask, k)
+    out = np.ones_like(mask)
+    n, m = mask.shape
+    for dy in range(2 * k + 1):
+        for dx in range(2 * k + 1):
+            out &= pad[dy : dy + n, dx : dx + m]
+    return out
+
+
 def _render_frames(plan: dict[str, Any]):
     """Yield (frame index, RGB uint8 [H, W, 3]) for every frame of a planned video."""
     w, h = plan["width"], plan["height"]
     rate = Fraction(plan["fps"]).limit_denominator(1001)
     margin = max(4, min(w, h) // 12)
     tex = _texture(plan["texture_seed"], h + 2 * margin, w + 2 * margin).astype(np.uint8)
+    drift = min(float(plan["background_drift"]), float(margin))
+    sweep = float(plan["sweep_seconds"])
     objects = plan["events"] + plan["distractors"]
     masks = [_shape_mask(o["shape"], o["radius"]) for o in objects]
+    fills = [_erode(m, int(plan["outline"])) for m in masks]  # colour inside the outline
     windows = [
         (Fraction(round(o["window"][0] * 10), 10), Fraction(round(o["window"][1] * 10), 10))
         for o in objects
@@ -259,21 +293,25 @@ def _render_frames(plan: dict[str, Any]):
     for i in range(plan["num_frames"]):
         t = Fraction(i) / rate  # exact frame time: visibility has no float edge cases
         tf = float(t)
-        ox = margin + int(round(0.8 * margin * math.sin(2 * math.pi * tf / 7.0)))
-        oy = margin + int(round(0.8 * margin * math.sin(2 * math.pi * tf / 11.0 + 1.0)))
+        ox = margin + int(round(drift * math.sin(2 * math.pi * tf / 7.0)))
+        oy = margin + int(round(drift * math.sin(2 * math.pi * tf / 11.0 + 1.0)))
         frame = tex[oy : oy + h, ox : ox + w].copy()
-        for o, mask, (t1, t2) in zip(objects, masks, windows, strict=True):
+        for o, mask, fill, (t1, t2) in zip(objects, masks, fills, windows, strict=True):
             if not t1 <= t <= t2:
                 continue
-            a = float((t - t1) / (t2 - t1)) if t2 > t1 else 0.0
+            if sweep > 0:  # lane crossings every `sweep` seconds, always in the same direction
+                a = (float(t - t1) / sweep) % 1.0
+            else:
+                a = float((t - t1) / (t2 - t1)) if t2 > t1 else 0.0
             (x0, y0), (x1, y1) = o["path"]
             cx = int(round(x0 + a * (x1 - x0)))
             cy = int(round(y0 + a * (y1 - y0)))
             r = o["radius"]
             ya, yb = max(0, cy - r), min(h, cy + r + 1)
             xa, xb = max(0, cx - r), min(w, cx + r + 1)
-            sub = mask[ya - (cy - r) : yb - (cy - r), xa - (cx - r) : xb - (cx - r)]
-            frame[ya:yb, xa:xb][sub] = COLORS[o["colour"]]
+            box = (slice(ya - (cy - r), yb - (cy - r)), slice(xa - (cx - r), xb - (cx - r)))
+            frame[ya:yb, xa:xb][mask[box]] = (0, 0, 0)
+            frame[ya:yb, xa:xb][fill[box]] = COLORS[o["colour"]]
         yield i, frame
 
 
@@ -414,6 +452,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--refusals", type=int, default=1, help="refusal queries per video")
     ap.add_argument("--crf", type=int, default=18)
     ap.add_argument("--preset", default="veryfast")
+    ap.add_argument("--background-drift", type=float, default=0.0,
+                    help="pixels of slow background drift (0: static)")
+    ap.add_argument("--sweep-seconds", type=float, default=2.0,
+                    help="seconds per lane crossing of an object (0: one per window)")
     args = ap.parse_args(argv)
     spec = SyntheticSpec(
         num=args.num,
@@ -427,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         refusal_queries_per_video=args.refusals,
         crf=args.crf,
         preset=args.preset,
+        background_drift=args.background_drift,
+        sweep_seconds=args.sweep_seconds,
     )
     path = generate(args.out, spec, progress=True)
     print(path)
