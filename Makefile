@@ -14,7 +14,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m tempo_jax.demo
+	$(BIN)/python -m tempo_jax.train --workdir runs/demo
 
 test: venv
 	$(BIN)/ruff check tempo_jax tests scripts

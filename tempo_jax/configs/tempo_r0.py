@@ -47,7 +47,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.irrelevant_ratio = 0.2  # PIR: fraction of samples whose query comes from another video
     c.data.num_workers = 0 if tiny else 8  # Grain worker processes
     c.data.cache_examples = tiny  # keep processed examples in memory (small datasets)
-    c.data.max_seq_len = 512 if tiny else 8192
+    c.data.max_seq_len = 0 if tiny else 8192  # pad text to this; 0: bucket per batch
 
     # SAA frame allocation (tempo_jax.data.saa.SAAConfig)
     c.saa = ml_collections.ConfigDict()

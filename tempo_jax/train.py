@@ -1,0 +1,784 @@
+"""`python -m tempo_jax.train`: SFT, then PIR-GRPO, on a Qwen2.5-VL backbone.
+
+With no flags it runs the `tiny` config on synthetic videos (the CPU demo) into `runs/demo`.
+Pure jitted step functions of (trainable params, optimizer state, batch); Orbax checkpoints
+(async) of params, optimizer, step, RNG and data position every `ckpt_every` steps; a restart
+with the same `--workdir` resumes from the last one (SIGTERM saves before exiting). A
+non-finite loss or gradient skips the update and is logged; it never reaches a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from tempo_jax import sharding as shd
+from tempo_jax.data import prompts as prompts_lib
+from tempo_jax.data import saa as saa_lib
+from tempo_jax.data.pipeline import PipelineConfig, collate, load_example, model_inputs
+from tempo_jax.data.sources import VideoIndex, load_charades_sta, load_jsonl, load_qvhighlights
+from tempo_jax.data.sources import make_pir as make_pir_pairs
+from tempo_jax.generate import generate_from_inputs
+from tempo_jax.metrics import grounding_metrics
+from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, load_pretrained, preset
+from tempo_jax.models.qwen2_5_vl.params import save_pretrained
+from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+from tempo_jax.rl import rewards as rewards_lib
+
+log = logging.getLogger("tempo_jax.train")
+
+SETTINGS_FILE = "tempo_settings.json"  # SAA / ETA / prompt settings, saved beside every export
+REPORT_KEYS = ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate")
+
+
+# ============================================================================ settings
+def pipeline_config(config: ml_collections.ConfigDict, **kw) -> PipelineConfig:
+    """The SAA / ETA / prompt part of the config: it is part of the model."""
+    saa = saa_lib.SAAConfig(**{k: config.saa[k] for k in config.saa})
+    prompt = prompts_lib.PromptConfig(**{k: config.prompt[k] for k in config.prompt})
+    return PipelineConfig(saa=saa, prompt=prompt, max_seq_len=config.data.max_seq_len or None,
+                          **kw)
+
+
+def settings_dict(config: ml_collections.ConfigDict) -> dict:
+    return {"saa": config.saa.to_dict(), "prompt": config.prompt.to_dict()}
+
+
+# ============================================================================ model
+def build_model(config: ml_collections.ConfigDict) -> Qwen25VL:
+    dtype = jnp.dtype(config.model.dtype)
+    opts = RuntimeOptions(dtype=dtype, attention_backend=config.model.attention_backend,
+                          remat=config.model.remat)
+    if config.model.init_checkpoint:
+        return load_pretrained(config.model.init_checkpoint, dtype=dtype, options=opts)
+    cfg = preset(config.model.preset)
+    if config.model.preset == "tiny" and config.model.get("tiny_overrides"):
+        text = dataclasses.replace(cfg.text, **config.model.tiny_overrides)
+        hd = text.head_dim  # keep Qwen's 2:3:3 split of the rotary bands over (t, h, w)
+        text = dataclasses.replace(text, mrope_section=(hd // 8, 3 * hd // 16, 3 * hd // 16))
+        vision = dataclasses.replace(cfg.vision, out_hidden_size=text.hidden_size)
+        cfg = cfg.replace(text=text, vision=vision)
+    return Qwen25VL(cfg, param_dtype=dtype, options=opts, rngs=nnx.Rngs(config.seed))
+
+
+def trainable_filter(config):
+    if config.model.freeze_vision:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
+    return nnx.Param
+
+
+# ============================================================================ data
+@dataclasses.dataclass
+class Data:
+    train: list[dict]
+    val: list[dict]
+    video_root: str
+    train_examples: list[dict] | None = None  # processed, when cached
+    val_examples: list[dict] | None = None
+
+
+def _load_records(config, path):
+    src = config.data.source
+    if src == "qvhighlights":
+        return load_qvhighlights(path, strict=False)
+    if src == "charades":
+        return load_charades_sta(path, config.data.charades_durations, strict=False)
+    return load_jsonl(path, strict=False)
+
+
+def prepare_data(config, workdir: Path) -> Data:
+    """Records for training (with PIR pairs) and evaluation; synthetic videos are generated
+    under the workdir when absent."""
+    if config.data.source == "synthetic":
+        from tempo_jax.data.synthetic import SyntheticSpec, generate
+
+        root = workdir / "data"
+        spec = dict(min_duration=8.0, max_duration=12.0, max_events=1, distractor_prob=0.0)
+        generate(root / "train", SyntheticSpec(num=config.data.synthetic_train, seed=config.seed,
+                                               **spec))
+        generate(root / "val", SyntheticSpec(num=config.data.synthetic_val,
+                                             seed=config.seed + 10_000, **spec))
+        train = [r for r in load_jsonl(root / "train" / "annotations.jsonl") if r["relevant"]]
+        val = list(load_jsonl(root / "val" / "annotations.jsonl"))
+        for r in train:
+            r["video"] = "train/" + r["video"]
+        for r in val:
+            r["video"] = "val/" + r["video"]
+        video_root = str(root)
+    else:
+        train, val = _load_records(config, config.data.train), _load_records(
+            config, config.data.val)
+        video_root = config.data.video_root
+    train = make_pir_pairs(train, config.data.irrelevant_ratio, seed=config.seed)
+    return Data(train=list(train), val=list(val), video_root=video_root)
+
+
+def _load_all(records, video_root, pcfg, vision, desc) -> list[dict]:
+    """Process every record once (cached mode), skipping and counting broken ones."""
+    from tqdm import tqdm
+
+    tok = prompts_lib.load_tokenizer(pcfg.tokenizer_path)
+    videos = VideoIndex(video_root)
+    out, skipped = [], 0
+    for r in tqdm(records, desc=desc, unit="video", file=sys.stdout, mininterval=2):
+        try:
+            out.append(load_example(r, videos, tok, pcfg, vision))
+        except (ValueError, FileNotFoundError) as e:
+            skipped += 1
+            log.warning("skipping %s: %s", r.get("qid"), e)
+    if skipped:
+        log.warning("%s: skipped %d of %d examples", desc, skipped, len(records))
+    return out
+
+
+def answer_targets(loss_mask: np.ndarray, input_ids: np.ndarray):
+    """Positions whose logits predict the answer tokens: [B, K] (K bucketed), the target ids
+    and a validity mask. Only these positions go through the 150k-entry LM head."""
+    rows = [np.flatnonzero(m) for m in loss_mask]
+    k = bucket(max(1, max(len(r) for r in rows)), 8)
+    pos = np.zeros((len(rows), k), np.int32)
+    valid = np.zeros((len(rows), k), bool)
+    for i, r in enumerate(rows):
+        pos[i, :len(r)] = r
+        valid[i, :len(r)] = True
+    tgt = np.take_along_axis(input_ids, pos, axis=1).astype(np.int32)
+    return np.maximum(pos - 1, 0), tgt, valid
+
+
+# ============================================================================ steps
+def _merge(graphdef, params, frozen):
+    return nnx.merge(graphdef, params, frozen)
+
+
+def sft_loss(params, frozen, graphdef, inputs, pred_pos, targets, valid):
+    model = _merge(graphdef, params, frozen)
+    logits = model.forward(inputs, logits_positions=pred_pos)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    n = jnp.maximum(valid.sum(), 1)
+    loss = jnp.sum(nll * valid) / n
+    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * valid) / n
+    return loss, {"loss": loss, "token_accuracy": acc}
+
+
+def completion_logits(model: Qwen25VL, prompt_inputs, completions, comp_mask, start,
+                      num_samples):
+    """Logits at the completion positions only, for [B * G] rows that share B prompts: the
+    prompts (and their videos) are embedded once, then broadcast to their G samples."""
+    opts = model.options
+    x = model.embed(prompt_inputs)  # [B, L, D], vision features scattered
+    pmask = prompt_inputs["attention_mask"]
+    ppos = prompt_inputs["position_ids"]
+    b, length = pmask.shape
+    t = completions.shape[1]
+    rep = lambda a, axis=0: jnp.repeat(a, num_samples, axis=axis)  # noqa: E731
+    xc = model.model.embed_tokens(completions).astype(opts.dtype)
+    x = jnp.concatenate([rep(x), xc], axis=1)
+    mask = jnp.concatenate([rep(pmask), comp_mask.astype(pmask.dtype)], axis=1)
+    cpos = (start[:, None] + jnp.arange(t)[None, :])  # [B * G, T]
+    pos = jnp.concatenate([rep(ppos, 1), jnp.broadcast_to(cpos[None], (3, *cpos.shape))], axis=2)
+    h = model.model(x, pos, mask, opts)
+    h = h[:, length - 1:length - 1 + t]  # position i predicts token i + 1
+    return model.logits_from_hidden(h)
+
+
+def grpo_objective(params, frozen, graphdef, prompt_inputs, completions, comp_mask, start,
+                   old_logps, ref_logps, advantages, cfg, num_samples):
+    from tempo_jax.rl import grpo as grpo_lib
+
+    model = _merge(graphdef, params, frozen)
+    logits = completion_logits(model, prompt_inputs, completions, comp_mask, start, num_samples)
+    logps = grpo_lib.sequence_logps(logits, completions)
+    loss, metrics = grpo_lib.grpo_loss(logps, old_logps, ref_logps, advantages, comp_mask, cfg)
+    ent = grpo_lib.token_entropy(logits)
+    metrics = dict(metrics)
+    metrics["entropy"] = jnp.sum(ent * comp_mask) / jnp.maximum(comp_mask.sum(), 1)
+    return loss, metrics
+
+
+@jax.jit
+def _finite(loss, grads):
+    leaves = jax.tree.leaves(grads)
+    ok = jnp.isfinite(loss)
+    for g in leaves:
+        ok &= jnp.all(jnp.isfinite(g))
+    return ok
+
+
+def make_optimizer(lr: float, warmup: int, steps: int, oc) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
+                                                  end_value=lr * 0.1)
+    return optax.chain(
+        optax.clip_by_global_norm(oc.grad_clip),
+        optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay,
+                    mu_dtype=jnp.float32 if oc.fp32_state else None),
+    )
+
+
+# ============================================================================ trainer
+class Trainer:
+    """Holds the model split into (graphdef, trainable params, frozen params), the optimizer,
+    the checkpoint manager and the logs of one workdir."""
+
+    def __init__(self, config, workdir: Path):
+        import orbax.checkpoint as ocp
+
+        self.config = config
+        self.workdir = workdir
+        self.model = build_model(config)
+        self.mesh = None
+        if jax.device_count() > 1:
+            m = config.mesh
+            self.mesh = shd.make_mesh(m.data, m.fsdp, m.tensor)
+            shd.shard_model(self.model, self.mesh)
+        self.graphdef, self.params, self.frozen = nnx.split(
+            self.model, trainable_filter(config), ...)
+        self.tokenizer = prompts_lib.load_tokenizer(None)
+        self.ckpt = ocp.CheckpointManager(
+            workdir / "ckpt",
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.ckpt_keep,
+                                                 enable_async_checkpointing=True),
+        )
+        self.metrics_file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.tb = None
+        if jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboardX is a dependency
+                log.warning("tensorboardX missing: no TensorBoard event files")
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.stop_requested = True
+
+    # ---- logging
+    def log_metrics(self, stage: str, step: int, metrics: dict) -> None:
+        row = {"stage": stage, "step": step}
+        row.update({k: float(v) for k, v in metrics.items()})
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{stage}/{k}", float(v), step)
+
+    # ---- checkpoints
+    def save(self, stage: str, step: int, opt_state, rng, extra: dict | None = None):
+        import orbax.checkpoint as ocp
+
+        state = {"params": self.params.to_pure_dict(), "opt_state": opt_state, "rng": rng}
+        meta = {"stage": stage, "step": step, **(extra or {})}
+        gstep = self._global_step(stage, step)
+        self.ckpt.save(gstep, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def _global_step(self, stage, step):
+        offset = 0
+        for s in self.config.stages.split(","):
+            if s == stage:
+                return offset + step
+            offset += self.config[("sft" if s == "sft" else "rl")].steps
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def restore(self, opt_state, rng):
+        """(stage, step, opt_state, rng) of the latest checkpoint, or None."""
+        import orbax.checkpoint as ocp
+
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return None
+        meta = self.ckpt.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"]
+        return latest, meta
+
+    def restore_into(self, latest, opt_state, rng):
+        import orbax.checkpoint as ocp
+
+        abstract = {"params": self.params.to_pure_dict(), "opt_state": opt_state, "rng": rng}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        got = self.ckpt.restore(latest, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
+        got = got["state"]
+        nnx.replace_by_pure_dict(self.params, got["params"])
+        return got["opt_state"], got["rng"]
+
+    # ---- stages
+    def run(self, data: Data, after_stage=None) -> None:
+        """Run the configured stages in order, resuming from the latest checkpoint;
+        `after_stage(stage)` is called when a stage completes in this process."""
+        stages = [s.strip() for s in self.config.stages.split(",") if s.strip()]
+        for s in stages:
+            if s not in ("sft", "grpo"):
+                raise ValueError(f"unknown stage {s!r} (sft, grpo)")
+        resume = self.restore(None, None)
+        start_stage, start_step, latest = None, 0, None
+        if resume is not None:
+            latest, meta = resume
+            start_stage, start_step = meta["stage"], meta["step"]
+            log.info("resuming from checkpoint %d (%s step %d)", latest, start_stage, start_step)
+            # params carry over between stages: load them even when the stage is complete
+            nnx.replace_by_pure_dict(self.params, self._restore_params(latest))
+        for stage in stages:
+            if start_stage is not None and stages.index(stage) < stages.index(start_stage):
+                continue  # finished before the restart
+            total = self.config.sft.steps if stage == "sft" else self.config.rl.steps
+            step0 = start_step if stage == start_stage else 0
+            ckpt = latest if stage == start_stage and step0 < total else None
+            if step0 < total:
+                (self.run_sft if stage == "sft" else self.run_grpo)(data, step0, ckpt)
+            if after_stage is not None:
+                after_stage(stage)
+
+    def _restore_params(self, step):
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.params.to_pure_dict())
+        item = {"params": abstract}
+        got = self.ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+        return got["state"]["params"]
+
+    def _pick(self, examples, rng, batch_size) -> list[dict]:
+        """The examples of one step: a function of (seed, stage, step) only, so a resumed run
+        sees exactly the batches an uninterrupted one would."""
+        idx = rng.choice(len(examples), size=batch_size, replace=len(examples) < batch_size)
+        return [examples[i] for i in idx]
+
+    def _batch(self, examples, rng, batch_size, pcfg):
+        return collate(self._pick(examples, rng, batch_size), pcfg, self.model.config.vision)
+
+    def _examples(self, data: Data, which: str, pcfg) -> list[dict]:
+        attr = f"{which}_examples"
+        if getattr(data, attr) is None:
+            recs = data.train if which == "train" else data.val
+            setattr(data, attr, _load_all(recs, data.video_root, pcfg, self.model.config.vision,
+                                          f"loading {which} videos"))
+        return getattr(data, attr)
+
+    def run_sft(self, data: Data, step0: int, resume_ckpt) -> dict:
+        from tqdm import tqdm
+
+        c = self.config
+        pcfg = pipeline_config(c, batch_size=c.sft.batch_size)
+        examples = self._examples(data, "train", pcfg)
+        tx = make_optimizer(c.sft.learning_rate, c.sft.warmup_steps, c.sft.steps, c.optim)
+        opt_state = tx.init(self.params)
+        rng = jax.random.PRNGKey(c.seed)
+        if resume_ckpt is not None:
+            opt_state, rng = self.restore_into(resume_ckpt, opt_state, rng)
+        grad_fn = jax.jit(jax.value_and_grad(sft_loss, has_aux=True), static_argnums=(2,))
+
+        @jax.jit
+        def apply(params, opt_state, grads):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        skipped = 0
+        t_last = time.perf_counter()
+        bar = tqdm(range(step0, c.sft.steps), desc="SFT", initial=step0, total=c.sft.steps,
+                   file=sys.stdout, mininterval=2)
+        for step in bar:
+            picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
+                                c.sft.batch_size)
+            grads_sum, metrics, tokens = None, None, 0
+            chunks = _chunks(picked, c.optim.accum_steps)
+            for chunk in chunks:  # gradient accumulation: each micro-batch is its own batch
+                batch = collate(chunk, pcfg, self.model.config.vision)
+                pred, tgt, valid = answer_targets(batch["loss_mask"], batch["input_ids"])
+                (loss, m), g = grad_fn(self.params, self.frozen, self.graphdef,
+                                       model_inputs(batch), pred, tgt, valid)
+                grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
+                metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+                tokens += int(batch["attention_mask"].sum())
+            n = len(chunks)
+            grads = jax.tree.map(lambda g, n=n: g / n, grads_sum)
+            metrics = {k: v / n for k, v in metrics.items()}
+            if bool(_finite(metrics["loss"], grads)):
+                self.params, opt_state = apply(self.params, opt_state, grads)
+            else:
+                skipped += 1
+                log.warning("SFT step %d: non-finite loss or gradient, update skipped", step)
+            metrics["skipped_updates"] = skipped
+            if (step + 1) % c.log_every == 0 or step + 1 == c.sft.steps:
+                now = time.perf_counter()
+                metrics["step_time"] = (now - t_last) / c.log_every
+                metrics["tokens_per_s"] = tokens / metrics["step_time"]
+                t_last = now
+                self.log_metrics("sft", step + 1, metrics)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                                acc=f"{float(metrics['token_accuracy']):.2f}")
+            if (step + 1) % c.ckpt_every == 0 or step + 1 == c.sft.steps or self.stop_requested:
+                self.save("sft", step + 1, opt_state, rng)
+            if self.stop_requested:
+                self.ckpt.wait_until_finished()
+                sys.exit(0)
+        return {"skipped_updates": skipped}
+
+    def run_grpo(self, data: Data, step0: int, resume_ckpt) -> dict:
+        from tqdm import tqdm
+
+        from tempo_jax.rl import grpo as grpo_lib
+
+        c, rc = self.config, self.config.rl
+        pcfg = pipeline_config(c, batch_size=rc.batch_size, with_answer=False, pad_side="left")
+        examples = _prompt_examples(self._examples(data, "train", pipeline_config(
+            c, batch_size=rc.batch_size)))
+        gcfg = grpo_lib.GRPOConfig(
+            num_generations=rc.num_generations, eps_low=rc.eps_low, eps_high=rc.eps_high,
+            beta=rc.beta, scale_rewards=rc.scale_rewards, loss_agg=rc.loss_agg,
+            num_iterations=rc.num_iterations,
+        )
+        tx = make_optimizer(rc.learning_rate, rc.warmup_steps, rc.steps, c.optim)
+        opt_state = tx.init(self.params)
+        rng = jax.random.PRNGKey(c.seed + 1)
+        ref_params = jax.tree.map(jnp.copy, self.params) if rc.beta > 0 else None
+        if resume_ckpt is not None:
+            opt_state, rng = self.restore_into(resume_ckpt, opt_state, rng)
+            if rc.beta > 0:
+                ref_params = self._restore_reference()
+        G = rc.num_generations
+        names = tuple(n.strip() for n in rc.rewards.split(","))
+        fmt_kw = {"thinking": c.prompt.thinking}
+
+        grad_fn = jax.jit(jax.value_and_grad(grpo_objective, has_aux=True),
+                          static_argnums=(2, 10, 11))
+
+        @functools_partial_jit(static_argnums=(2, 7))
+        def ref_logps_fn(ref, frozen, graphdef, prompt_inputs, completions, comp_mask, start, g):
+            from tempo_jax.rl import grpo as grpo_lib
+
+            model = _merge(graphdef, ref, frozen)
+            logits = completion_logits(model, prompt_inputs, completions, comp_mask, start, g)
+            return grpo_lib.sequence_logps(logits, completions)
+
+        @jax.jit
+        def apply(params, opt_state, grads):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+               self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        skipped = 0
+        history = []
+        t_last = time.perf_counter()
+        bar = tqdm(range(step0, rc.steps), desc="PIR-GRPO", initial=step0, total=rc.steps,
+                   file=sys.stdout, mininterval=2)
+        for step in bar:
+            batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
+                                rc.batch_size, pcfg)
+            inputs = model_inputs(batch)
+            model = _merge(self.graphdef, self.params, self.frozen)
+            key = jax.random.fold_in(rng, step)
+            out = generate_from_inputs(
+                model, inputs, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                top_p=rc.top_p, num_samples=G, eos_token_id=eos, rng=key,
+                pad_token_id=eos[1], bucket_shapes=False,
+            )
+            texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
+                     for t, n in zip(out.tokens, out.lengths, strict=True)]
+            meta = [m for m in batch["meta"] for _ in range(G)]
+            fields = {
+                "windows": [m["windows"] for m in meta],
+                "relevant": [m["relevant"] for m in meta],
+                "duration": [m["duration"] for m in meta],
+            }
+            total, parts = rewards_lib.total_reward(
+                [m["query"] for m in meta], texts, names=names, iou_type=rc.iou_type,
+                **fmt_kw, **fields)
+            adv = grpo_lib.group_advantages(jnp.asarray(total, jnp.float32), G,
+                                            scale_rewards=rc.scale_rewards)
+            t_len = out.tokens.shape[1]
+            comp_mask = (np.arange(t_len)[None, :] < out.lengths[:, None])
+            start = np.repeat(_decode_start(batch), G)
+            completions = jnp.asarray(out.tokens)
+            cm = jnp.asarray(comp_mask)
+            st = jnp.asarray(start)
+            old = jnp.asarray(out.logprobs)
+            ref = None
+            if ref_params is not None:
+                ref = ref_logps_fn(ref_params, self.frozen, self.graphdef, inputs, completions,
+                                   cm, st, G)
+            for _ in range(rc.num_iterations):
+                (loss, m), grads = grad_fn(self.params, self.frozen, self.graphdef, inputs,
+                                           completions, cm, st, old, ref, adv, gcfg, G)
+                if bool(_finite(loss, grads)):
+                    self.params, opt_state = apply(self.params, opt_state, grads)
+                else:
+                    skipped += 1
+                    log.warning("GRPO step %d: non-finite loss or gradient, update skipped", step)
+            refused = [rewards_lib.parse_answer(t) == "refuse" for t in texts]
+            irr = [not r for r in fields["relevant"]]
+            metrics = {k: float(v) for k, v in m.items()}
+            metrics.update(
+                loss=float(loss), reward=float(np.mean(total)),
+                **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                response_length=float(out.lengths.mean()),
+                refusal_accuracy=_frac([r for r, i in zip(refused, irr, strict=True) if i]),
+                false_refusal_rate=_frac([r for r, i in zip(refused, irr, strict=True)
+                                          if not i]),
+                skipped_updates=skipped,
+            )
+            now = time.perf_counter()
+            metrics["step_time"] = now - t_last
+            metrics["tokens_per_s"] = float(out.lengths.sum()) / metrics["step_time"]
+            t_last = now
+            history.append(metrics)
+            self.log_metrics("grpo", step + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}",
+                            kl=f"{metrics.get('kl', 0.0):.3f}")
+            if (step + 1) % c.ckpt_every == 0 or step + 1 == rc.steps or self.stop_requested:
+                self.save("grpo", step + 1, opt_state, rng)
+            if self.stop_requested:
+                self.ckpt.wait_until_finished()
+                sys.exit(0)
+        return {"skipped_updates": skipped}
+
+    def _restore_reference(self):
+        """The frozen reference is the policy at the start of GRPO: the checkpoint saved at the
+        end of SFT (or the current policy when GRPO runs alone)."""
+        sft_end = self._global_step("grpo", 0)
+        ref = jax.tree.map(jnp.copy, self.params)
+        if sft_end in self.ckpt.all_steps():
+            nnx.replace_by_pure_dict(ref, self._restore_params(sft_end))
+        else:
+            log.warning("no SFT checkpoint for the reference model; using the current policy")
+        return ref
+
+    # ---- evaluation
+    def evaluate(self, data: Data, n: int | None = None) -> tuple[dict, list[dict]]:
+        c = self.config
+        pcfg = pipeline_config(c, batch_size=8, with_answer=False, pad_side="left")
+        examples = _prompt_examples(self._examples(data, "val", pipeline_config(c)))
+        if n:
+            examples = examples[:n]
+        model = _merge(self.graphdef, self.params, self.frozen)
+        eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+               self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        rows = []
+        for i in range(0, len(examples), 8):
+            chunk = examples[i:i + 8]
+            batch = collate(chunk, pcfg, self.model.config.vision)
+            out = generate_from_inputs(model, model_inputs(batch),
+                                       max_new_tokens=c.eval_max_new_tokens, temperature=0,
+                                       eos_token_id=eos, pad_token_id=eos[1])
+            for m, t, n_tok in zip(batch["meta"], out.tokens, out.lengths, strict=True):
+                text = self.tokenizer.decode(t[:n_tok], skip_special_tokens=True)
+                rows.append({**{k: _jsonable(v) for k, v in m.items()}, "answer": text,
+                             "parsed": _jsonable(rewards_lib.parse_answer(text))})
+        metrics = grounding_metrics([r["answer"] for r in rows], [r["windows"] for r in rows],
+                                    [r["relevant"] for r in rows],
+                                    [r["duration"] for r in rows])
+        return metrics, rows
+
+    def export(self, path: Path) -> None:
+        model = _merge(self.graphdef, self.params, self.frozen)
+        save_pretrained(model, path)
+        (path / SETTINGS_FILE).write_text(json.dumps(settings_dict(self.config), indent=2))
+
+
+# ============================================================================ helpers
+def functools_partial_jit(static_argnums):
+    return lambda f: jax.jit(f, static_argnums=static_argnums)
+
+
+def _frac(xs) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _decode_start(batch) -> np.ndarray:
+    from tempo_jax.models.qwen2_5_vl.positions import decode_start
+
+    return decode_start(batch["position_ids"], batch["attention_mask"])
+
+
+def _prompt_examples(examples: list[dict]) -> list[dict]:
+    """Drop the answer from processed SFT examples (rollout / evaluation prompts)."""
+    out = []
+    for ex in examples:
+        keep = ~ex["loss_mask"]
+        # the answer is the tail of the sequence: everything up to the first answer token
+        first = int(np.argmax(ex["loss_mask"])) if ex["loss_mask"].any() else len(keep)
+        new = dict(ex)
+        new["input_ids"] = ex["input_ids"][:first]
+        new["position_ids"] = ex["position_ids"][:, :first]
+        new["loss_mask"] = np.zeros(first, bool)
+        out.append(new)
+    return out
+
+
+def _chunks(items: list, accum: int) -> list[list]:
+    accum = max(1, min(accum, len(items)))
+    size = math.ceil(len(items) / accum)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def baseline_constant_window(train: list[dict], val_rows: list[dict]) -> dict:
+    """What a model that ignores the video scores: the single window that maximises mean IoU
+    on the training windows, answered for every validation query (never refusing)."""
+    wins = [(r["windows"][0], r["duration"]) for r in train if r.get("relevant", True)
+            and r.get("windows")]
+    grid = np.arange(0, 1.0001, 0.05)
+    best, best_score = (0.0, 1.0), -1.0
+    for s in grid:
+        for e in grid[grid > s]:
+            score = np.mean([_iou((s * d, e * d), w) for w, d in wins])
+            if score > best_score:
+                best, best_score = (s, e), score
+    answers = [f"<answer>{best[0] * r['duration']:.1f} to {best[1] * r['duration']:.1f}</answer>"
+               for r in val_rows]
+    m = grounding_metrics(answers, [r["windows"] for r in val_rows],
+                          [r["relevant"] for r in val_rows], [r["duration"] for r in val_rows])
+    m["window_fraction"] = list(best)
+    return m
+
+
+def _iou(a, b) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
+
+
+def plot_curves(workdir: Path) -> Path | None:
+    """Reward curve (PIR-GRPO) and loss curve (SFT) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+    sft = [r for r in rows if r["stage"] == "sft"]
+    rl = [r for r in rows if r["stage"] == "grpo"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    if sft:
+        axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
+        axes[0].set(title="SFT answer loss", xlabel="step", ylabel="cross-entropy")
+    if rl:
+        steps = [r["step"] for r in rl]
+        for key, label in (("reward", "total"), ("reward_format", "format"),
+                           ("reward_accuracy", "accuracy")):
+            if key in rl[0]:
+                vals = np.asarray([r[key] for r in rl])
+                k = min(5, len(vals))
+                smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+                axes[1].plot(steps[k - 1:], smooth, label=label)
+        axes[1].set(title="PIR-GRPO reward (moving average)", xlabel="step", ylabel="reward")
+        axes[1].legend()
+    fig.tight_layout()
+    out = workdir / "reward_curve.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_timeline(rows: list[dict], out: Path, n: int = 16) -> Path:
+    """Predicted vs true windows for the first `n` validation queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[:n]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
+    for i, r in enumerate(rows):
+        y = len(rows) - i
+        ax.plot([0, r["duration"]], [y, y], color="0.85", lw=6, solid_capstyle="butt")
+        for w in r["windows"]:
+            ax.plot(w, [y + 0.12, y + 0.12], color="tab:green", lw=5, solid_capstyle="butt")
+        p = r["parsed"]
+        if isinstance(p, list):
+            ax.plot(p, [y - 0.12, y - 0.12], color="tab:blue", lw=5, solid_capstyle="butt")
+        label = r["query"][:38] + ("" if r["relevant"] else " [irrelevant]")
+        mark = " (refused)" if p == "refuse" else " (unreadable)" if p is None else ""
+        ax.text(-0.3, y, label + mark, ha="right", va="center", fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlabel("seconds")
+    ax.set_title("true (green) vs predicted (blue) windows")
+    ax.set_xlim(left=0)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+# ============================================================================ entry point
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train (resuming when the workdir has checkpoints), export, evaluate and report."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    t0 = time.perf_counter()
+    data = prepare_data(config, workdir)
+    trainer = Trainer(config, workdir)
+    report: dict[str, Any] = {"baseline": baseline_constant_window(data.train, data.val)}
+    rows_by_stage: dict[str, list] = {}
+
+    def after_stage(stage: str) -> None:
+        path = workdir / f"eval_{stage}.json"
+        if path.exists():  # evaluated before a restart
+            report[stage] = json.loads(path.read_text())
+            return
+        metrics, rows = trainer.evaluate(data)
+        report[stage] = metrics
+        rows_by_stage[stage] = rows
+        path.write_text(json.dumps(metrics, indent=2))
+        log.info("%s: %s", stage, {k: report[stage][k] for k in REPORT_KEYS})
+
+    trainer.run(data, after_stage)
+    last = [s.strip() for s in config.stages.split(",")][-1]
+    rows = rows_by_stage.get(last) or trainer.evaluate(data)[1]
+    if jax.process_index() == 0:
+        trainer.export(workdir / "hf")
+        plot_curves(workdir)
+        plot_timeline(rows, workdir / "timeline.png")
+        with open(workdir / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    report["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    default_cfg = str(Path(__file__).parent / "configs" / "tempo_r0.py") + ":tiny"
+    config_flags.DEFINE_config_file("config", default_cfg, "experiment config (file:arg)")
+    flags.DEFINE_string("workdir", "runs/demo", "checkpoints, logs, plots, report")
+
+    def _main(_):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        report = run(flags.FLAGS.config, flags.FLAGS.workdir)
+        print(json.dumps(report))
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The trainer end to end on the tiny model: a short SFT -> PIR-GRPO run with its report, an
+exact resume after SIGTERM, and the non-finite-loss guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tempo_jax import train as train_lib
+from tempo_jax.configs.tempo_r0 import get_config
+from tempo_jax.safetensors_io import CheckpointReader
+
+SMALL = {
+    "data.synthetic_train": 6, "data.synthetic_val": 4, "data.irrelevant_ratio": 0.34,
+    "sft.steps": 6, "sft.batch_size": 4, "rl.steps": 2, "rl.batch_size": 2,
+    "rl.num_generations": 2, "rl.max_new_tokens": 6, "eval_max_new_tokens": 6,
+    "model.tiny_overrides.hidden_size": 64, "model.tiny_overrides.num_hidden_layers": 2,
+    "model.tiny_overrides.intermediate_size": 128, "ckpt_every": 3, "log_every": 1,
+    "saa.max_visual_tokens": 32, "saa.max_frames": 12,
+}
+
+
+def small_config(**over):
+    c = get_config("tiny")
+    for k, v in {**SMALL, **over}.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _flags(over: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**SMALL, **over}.items()]
+
+
+def _run(cmd, env):
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _final_params(workdir: Path) -> dict:
+    r = CheckpointReader(workdir / "hf")
+    return {k: r.read(k) for k in r.keys()}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    report = train_lib.run(small_config(), workdir)
+    return workdir, report
+
+
+def test_short_run_writes_report_plots_and_export(demo_run):
+    workdir, report = demo_run
+    saved = json.loads((workdir / "report.json").read_text())
+    for part in ("baseline", "sft", "grpo"):
+        for key in ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate"):
+            v = saved[part][key]
+            assert v != v or 0.0 <= v <= 1.0, (part, key, v)  # NaN only for empty sets
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    sft = [r for r in rows if r["stage"] == "sft"]
+    rl = [r for r in rows if r["stage"] == "grpo"]
+    assert [r["step"] for r in sft] == list(range(1, 7))
+    assert len(rl) == 2
+    for key in ("reward", "reward_format", "reward_accuracy", "clip_fraction", "kl", "entropy",
+                "response_length", "refusal_accuracy", "step_time", "tokens_per_s"):
+        assert key in rl[0], key
+    assert sft[-1]["loss"] < sft[0]["loss"]  # a few steps on 6 videos already lower it
+    for png in ("reward_curve.png", "timeline.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hf = workdir / "hf"
+    assert (hf / "config.json").exists()
+    settings = json.loads((hf / "tempo_settings.json").read_text())
+    assert settings["prompt"]["textual_timestamps"] is True
+    assert "max_visual_tokens" in settings["saa"]
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_then_restart_equals_uninterrupted(demo_run, tmp_path):
+    """A run killed with SIGTERM mid-SFT and restarted ends with the same parameters."""
+    data = demo_run[0] / "data"
+    over = {"stages": "sft", "sft.steps": 10, "ckpt_every": 100}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "tempo_jax.train"]
+    runs = {}
+    for name in ("straight", "killed"):
+        wd = tmp_path / name
+        shutil.copytree(data, wd / "data")  # same synthetic videos, no regeneration
+        runs[name] = wd
+    _run(cmd + _flags(over) + [f"--workdir={runs['straight']}"], env)
+    proc = subprocess.Popen(cmd + _flags(over) + [f"--workdir={runs['killed']}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = runs["killed"] / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    steps_before = len(metrics.read_text().splitlines())
+    assert steps_before < 10 and not (runs["killed"] / "report.json").exists()
+    _run(cmd + _flags(over) + [f"--workdir={runs['killed']}"], env)
+    a, b = _final_params(runs["straight"]), _final_params(runs["killed"])
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max())
+                for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_non_finite_loss_skips_the_update(demo_run, tmp_path, monkeypatch, caplog):
+    wd = tmp_path / "nan"
+    shutil.copytree(demo_run[0] / "data", wd / "data")
+    original = train_lib.sft_loss
+
+    def poisoned(*args):
+        loss, aux = original(*args)
+        return loss * jnp.nan, aux
+
+    monkeypatch.setattr(train_lib, "sft_loss", poisoned)
+    config = small_config(stages="sft", **{"sft.steps": 3})
+    trainer = train_lib.Trainer(config, wd)
+    before = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
+    data = train_lib.prepare_data(config, wd)
+    out = trainer.run_sft(data, 0, None)
+    trainer.ckpt.wait_until_finished()
+    assert out["skipped_updates"] == 3
+    assert "non-finite" in caplog.text
+    for k, v in trainer.params.flat_state():
+        np.testing.assert_array_equal(np.asarray(v), before[k])
+    # the checkpoint holds the untouched parameters, never NaN
+    restored = trainer._restore_params(trainer.ckpt.latest_step())
+    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
+    assert all(np.isfinite(x).all() for x in leaves)
