@@ -107,7 +107,10 @@ def prepare_data(config, workdir: Path) -> Data:
         from tempo_jax.data.synthetic import SyntheticSpec, generate
 
         root = workdir / "data"
-        spec = dict(min_duration=8.0, max_duration=12.0, max_events=1, distractor_prob=0.0)
+        spec = dict(min_duration=config.data.synthetic_min_duration,
+                    max_duration=config.data.synthetic_max_duration, max_events=1,
+                    distractor_prob=0.0, min_event_fraction=config.data.synthetic_min_event,
+                    max_event_fraction=config.data.synthetic_max_event)
         generate(root / "train", SyntheticSpec(num=config.data.synthetic_train, seed=config.seed,
                                                **spec))
         generate(root / "val", SyntheticSpec(num=config.data.synthetic_val,

@@ -44,6 +44,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.charades_durations = ""  # Charades_v1_{split}.csv for source=charades
     c.data.synthetic_train = 384  # synthetic videos for training (tiny)
     c.data.synthetic_val = 48  # held-out synthetic videos for evaluation
+    c.data.synthetic_min_duration = 10.0  # seconds
+    c.data.synthetic_max_duration = 16.0
+    c.data.synthetic_min_event = 0.12  # event length as a fraction of the video
+    c.data.synthetic_max_event = 0.35  # (short events: a constant window scores poorly)
     c.data.irrelevant_ratio = 0.2  # PIR: fraction of samples whose query comes from another video
     c.data.num_workers = 0 if tiny else 8  # Grain worker processes
     c.data.cache_examples = tiny  # keep processed examples in memory (small datasets)

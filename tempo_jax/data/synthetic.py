@@ -96,6 +96,8 @@ class SyntheticSpec:
     preset: str = "veryfast"
     gop_seconds: float = 2.0  # keyframe interval, so that seeking is exercised
     background_drift: float = 0.0  # amplitude (pixels) of the background's slow drift
+    min_event_fraction: float = 0.15  # event length as a fraction of the video, lower bound
+    max_event_fraction: float = 0.6  # ... upper bound (shorter events: harder to guess)
     sweep_seconds: float = 2.0  # an object crosses its lane this often; 0: once per window
     outline: bool = True  # black outline around objects (luma contrast for every colour)
 
@@ -163,8 +165,8 @@ def plan_video(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, Any]:
         shape = str(SHAPES[int(rng.integers(len(SHAPES)))])
         motion = str(list(MOTIONS)[int(rng.integers(len(MOTIONS)))])
         # Window on a 0.1 s grid, inside [0.5, last_t - 0.3], at least ~1.5 s long.
-        min_len = min(max(1.5, 0.15 * duration), max(0.5, last_t - 1.0))
-        max_len = max(min_len, min(0.6 * duration, last_t - 0.8))
+        min_len = min(max(1.5, spec.min_event_fraction * duration), max(0.5, last_t - 1.0))
+        max_len = max(min_len, min(spec.max_event_fraction * duration, last_t - 0.8))
         length = _tenths(rng.uniform(min_len, max_len))
         t1_max = max(0.5, last_t - 0.3 - length)
         t1 = _tenths(rng.uniform(0.5, t1_max))

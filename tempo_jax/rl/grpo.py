@@ -78,8 +78,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, cfg: GRPOConfig):
     if use_kl and ref_logps is None:
         raise ValueError("beta > 0 needs reference log-probs (set beta=0 to drop the reference)")
     agg = LOSS_AGGREGATIONS[cfg.loss_agg]
-    mask = mask.astype(jnp.float32)
-    adv = advantages.astype(jnp.float32)[:, None]
+    dt = jnp.promote_types(logps.dtype, jnp.float32)  # at least fp32 (fp64 in gradient checks)
+    mask = mask.astype(dt)
+    adv = advantages.astype(dt)[:, None]
     ratio = jnp.exp(logps - old_logps)
     clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     objective = jnp.minimum(ratio * adv, clipped * adv)
@@ -91,7 +92,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, cfg: GRPOConfig):
         kl = agg(kl_tok, mask)
     else:
         kl_tok = jnp.zeros_like(pg_tok)
-        kl = jnp.zeros((), jnp.float32)
+        kl = jnp.zeros((), dt)
     loss = agg(pg_tok + cfg.beta * kl_tok, mask) if use_kl else pg_loss
     is_clipped = (((adv > 0) & (ratio > 1.0 + cfg.eps_high))
                   | ((adv < 0) & (ratio < 1.0 - cfg.eps_low)))
@@ -110,11 +111,11 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, cfg: GRPOConfig):
 
 def sequence_logps(logits, tokens):
     """log p(token) under fp32 log-softmax: logits [N, T, V], tokens [N, T] -> [N, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
     return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
 
 def token_entropy(logits):
     """Entropy of the policy at each position [N, T] (logged, not optimised)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
