@@ -2,7 +2,9 @@
 reference, token-level or sequence-level aggregation.
 
 Pure functions of per-token log-probabilities, so the trainer decides how those are computed
-(logits at completion positions only) and everything here jits and differentiates.
+(logits at completion positions only) and everything here jits and differentiates. Old
+log-probs are the policy's own log-softmax over raw logits at the sampled tokens (as the
+sampler reports them), not the tempered or truncated sampling distribution.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+Array = jax.Array
+
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
+    """Hashable, so it can be a static argument of a jitted step."""
+
     num_generations: int = 8  # G samples per prompt
     eps_low: float = 0.2
     eps_high: float = 0.28  # DAPO clip-higher
@@ -26,96 +32,163 @@ class GRPOConfig:
     std_eps: float = 1e-4
 
 
+# ---------------------------------------------------------------------------- advantages
+
+
+def _float(x) -> Array:
+    """Keep a float input's precision (float64 under x64), promote ints/bools to float32."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
 def group_advantages(rewards, num_generations: int, scale_rewards: bool = True,
-                     eps: float = 1e-4) -> jax.Array:
-    """(r - mean_G) / (std_G + eps) per group of G consecutive rows (prompt-major), with the
-    unbiased (ddof=1) group std of the TRL-based recipes; without scaling, r - mean_G."""
-    r = jnp.asarray(rewards, jnp.float32).reshape(-1, num_generations)
+                     eps: float = 1e-4) -> Array:
+    """Group-relative advantages for prompt-major rewards [N] (row b*G + g).
+
+    (r - mean_G) / (std_G + eps) with the unbiased (ddof=1) group std, as the TRL-based
+    recipes; ``scale_rewards=False`` gives Dr.GRPO's r - mean_G (no length/difficulty bias
+    from the std). A group with equal rewards gets advantage 0 (it carries no signal), and
+    G=1 gives 0 rather than NaN.
+    """
+    r = _float(rewards)
+    if r.ndim != 1 or r.shape[0] % num_generations:
+        raise ValueError(f"rewards {r.shape} is not [B * G] with G={num_generations}")
+    r = r.reshape(-1, num_generations)
     centred = r - r.mean(axis=1, keepdims=True)
-    if scale_rewards:
-        std = jnp.std(r, axis=1, keepdims=True, ddof=1) if num_generations > 1 else 0.0
+    if scale_rewards and num_generations > 1:
+        std = jnp.std(r, axis=1, keepdims=True, ddof=1)
         centred = centred / (std + eps)
     return centred.reshape(-1)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {
-    "grpo": lambda r, g, eps=1e-4: group_advantages(r, g, True, eps),
-    "dr_grpo": lambda r, g, eps=1e-4: group_advantages(r, g, False, eps),
+def _grpo_advantages(rewards, num_generations: int, eps: float = 1e-4) -> Array:
+    return group_advantages(rewards, num_generations, True, eps)
+
+
+def _dr_grpo_advantages(rewards, num_generations: int, eps: float = 1e-4) -> Array:
+    return group_advantages(rewards, num_generations, False, eps)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Array]] = {
+    "grpo": _grpo_advantages,
+    "dr_grpo": _dr_grpo_advantages,
 }
 
 
-def get_advantage_estimator(name: str) -> Callable:
+def get_advantage_estimator(name: str) -> Callable[..., Array]:
+    """Look an estimator up by name: ``fn(rewards, num_generations, eps=1e-4) -> [N]``."""
     if name not in ADVANTAGE_ESTIMATORS:
         known = sorted(ADVANTAGE_ESTIMATORS)
         raise KeyError(f"unknown advantage estimator {name!r}; known: {known}")
     return ADVANTAGE_ESTIMATORS[name]
 
 
-def _token_mean(loss_tok, mask):
+# ---------------------------------------------------------------------------- aggregation
+
+
+def _token_mean(loss_tok: Array, mask: Array) -> Array:
+    """Every completion token weighs the same (DAPO): long answers are not down-weighted."""
     return jnp.sum(loss_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _seq_mean_token_mean(loss_tok, mask):
+def _seq_mean_token_mean(loss_tok: Array, mask: Array) -> Array:
+    """Original GRPO: mean per sequence, then over sequences with at least one token."""
     n = jnp.sum(mask, axis=1)
     per_seq = jnp.sum(loss_tok * mask, axis=1) / jnp.maximum(n, 1.0)
     has = (n > 0).astype(loss_tok.dtype)
     return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
-LOSS_AGGREGATIONS: dict[str, Callable] = {
+LOSS_AGGREGATIONS: dict[str, Callable[[Array, Array], Array]] = {
     "token-mean": _token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
 }
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, cfg: GRPOConfig):
-    """Scalar loss and metrics. logps/old_logps/ref_logps [N, T], advantages [N], mask [N, T]
-    (completion tokens). Old log-probs are the sampler's own (raw-logit log-softmax)."""
+# ---------------------------------------------------------------------------- loss
+
+
+def grpo_loss(logps: Array, old_logps: Array, ref_logps: Array | None, advantages: Array,
+              mask: Array, cfg: GRPOConfig) -> tuple[Array, dict[str, Array]]:
+    """PPO-clip (asymmetric eps) + beta * k3 KL, aggregated by ``cfg.loss_agg``.
+
+    logps/old_logps/ref_logps [N, T] at the completion tokens, advantages [N], mask [N, T]
+    (True on completion tokens). Positions outside the mask are neutralised before any exp,
+    so padding with garbage (even inf) log-probs cannot leak NaN into the loss or gradients.
+    Returns (loss, metrics); all metrics are scalars and the function jits with ``cfg``
+    static.
+    """
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         known = sorted(LOSS_AGGREGATIONS)
         raise ValueError(f"unknown loss_agg {cfg.loss_agg!r}; choose from {known}")
-    use_kl = cfg.beta > 0
-    if use_kl and ref_logps is None:
+    use_kl = cfg.beta > 0 and ref_logps is not None
+    if cfg.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs reference log-probs (set beta=0 to drop the reference)")
     agg = LOSS_AGGREGATIONS[cfg.loss_agg]
-    dt = jnp.promote_types(logps.dtype, jnp.float32)  # at least fp32 (fp64 in gradient checks)
-    mask = mask.astype(dt)
-    adv = advantages.astype(dt)[:, None]
-    ratio = jnp.exp(logps - old_logps)
-    clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    objective = jnp.minimum(ratio * adv, clipped * adv)
-    pg_tok = -objective
-    pg_loss = agg(pg_tok, mask)
+    logps = _float(logps)
+    dtype = logps.dtype
+    on = jnp.asarray(mask).astype(bool)
+    maskf = on.astype(dtype)
+    zero = jnp.zeros((), dtype)
+    # Neutralise masked positions (ratio 1, k3 0) with a "double where" so grads stay finite.
+    logps = jnp.where(on, logps, zero)
+    old = jnp.where(on, jax.lax.stop_gradient(_float(old_logps)).astype(dtype), zero)
+    adv = jax.lax.stop_gradient(_float(advantages)).astype(dtype)[:, None]
+
+    ratio = jnp.exp(logps - old)
+    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    clipped = jnp.clip(ratio, lo, hi)
+    pg_tok = -jnp.minimum(ratio * adv, clipped * adv)
+    pg_loss = agg(pg_tok, maskf)
+    n_tok = jnp.maximum(jnp.sum(maskf), 1.0)
+
     if use_kl:
-        d = ref_logps - logps
+        ref = jnp.where(on, jax.lax.stop_gradient(_float(ref_logps)).astype(dtype), zero)
+        d = ref - logps
         kl_tok = jnp.exp(d) - d - 1.0
-        kl = agg(kl_tok, mask)
+        kl_agg = agg(kl_tok, maskf)
+        kl_mean = jnp.sum(kl_tok * maskf) / n_tok
+        loss = agg(pg_tok + cfg.beta * kl_tok, maskf)
     else:
-        kl_tok = jnp.zeros_like(pg_tok)
-        kl = jnp.zeros((), dt)
-    loss = agg(pg_tok + cfg.beta * kl_tok, mask) if use_kl else pg_loss
-    is_clipped = (((adv > 0) & (ratio > 1.0 + cfg.eps_high))
-                  | ((adv < 0) & (ratio < 1.0 - cfg.eps_low)))
-    n_tok = jnp.maximum(jnp.sum(mask), 1.0)
+        kl_agg = kl_mean = zero
+        loss = pg_loss
+
+    # The clip binds only where it lowers the objective: A > 0 above 1+eps_high, A < 0 below
+    # 1-eps_low (elsewhere min() picks the unclipped term and the gradient flows).
+    is_clipped = ((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
+    has_tok = jnp.sum(maskf) > 0
     metrics = {
         "pg_loss": pg_loss,
-        "kl_loss": cfg.beta * kl,
-        "kl": jnp.sum(kl_tok * mask) / n_tok,
-        "clip_fraction": jnp.sum(is_clipped * mask) / n_tok,
-        "ratio_mean": jnp.sum(ratio * mask) / n_tok,
-        "ratio_max": jnp.max(jnp.where(mask > 0, ratio, -jnp.inf)),
-        "response_length_mean": jnp.sum(mask) / mask.shape[0],
+        "kl_loss": cfg.beta * kl_agg,
+        "kl": kl_mean,
+        "clip_fraction": jnp.sum(is_clipped * maskf) / n_tok,
+        "ratio_mean": jnp.sum(ratio * maskf) / n_tok,
+        "ratio_max": jnp.where(has_tok, jnp.max(jnp.where(on, ratio, -jnp.inf)), zero),
+        "response_length_mean": jnp.sum(maskf) / maskf.shape[0],
     }
     return loss, metrics
 
 
-def sequence_logps(logits, tokens):
-    """log p(token) under fp32 log-softmax: logits [N, T, V], tokens [N, T] -> [N, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+# ---------------------------------------------------------------------------- log-probs
 
 
-def token_entropy(logits):
-    """Entropy of the policy at each position [N, T] (logged, not optimised)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+def sequence_logps(logits: Array, tokens: Array) -> Array:
+    """log p(token) in fp32: logits [N, T, V], tokens [N, T] -> [N, T].
+
+    logit[token] - logsumexp(logits): stable, and avoids materialising a second [N, T, V]
+    log-softmax array (V is 151k for Qwen).
+    """
+    x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    picked = jnp.take_along_axis(x, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(x, axis=-1)
+
+
+def token_entropy(logits: Array) -> Array:
+    """Entropy of the policy at each position [N, T], logged to watch for collapse.
+
+    Tokens with -inf logits (masked vocabulary) contribute 0 instead of 0 * inf = NaN.
+    """
+    x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp = jax.nn.log_softmax(x, axis=-1)
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)

@@ -1,0 +1,129 @@
+"""Policy-update step benchmark: the PIR-GRPO loss and its backward pass on the `bench` size,
+ours (jit, after warm-up) vs the same loss and backward in PyTorch on the same weights, same
+run, CPU.
+
+Rows are prompt + completion sequences (G samples of a prompt); both sides compute logits at
+the completion positions only (transformers' `logits_to_keep`), the PPO-clip objective with
+the k3 KL term, token-mean aggregation, and gradients for every parameter.
+
+    python scripts/bench_train_step.py [--rows 8] [--prompt 448] [--completion 64]
+
+Last output line: a JSON object with tokens/s of each side and `ratio_vs_reference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+
+def _median(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=448)
+    ap.add_argument("--completion", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import tempo_jax
+    from tempo_jax.models.qwen2_5_vl import preset
+    from tempo_jax.rl import grpo
+
+    torch.set_num_threads(args.threads)
+    cfg = preset("bench")
+    n, lp, lc = args.rows, args.prompt, args.completion
+    seq = lp + lc
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 150_000, size=(n, seq))
+    old = rng.normal(-3.0, 0.3, size=(n, lc)).astype(np.float32)
+    ref = rng.normal(-3.0, 0.3, size=(n, lc)).astype(np.float32)
+    adv = rng.normal(0, 1, size=n).astype(np.float32)
+    mask = np.ones((n, lc), np.float32)
+    gcfg = grpo.GRPOConfig(beta=0.04)
+
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_dict("float32")))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = tempo_jax.load_pretrained(d, dtype=jnp.float32)
+    hf.train()
+
+    pos = np.broadcast_to(np.arange(seq)[None, None], (3, n, seq)).astype(np.int32)
+    inputs = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones((n, seq), np.int32),
+              "position_ids": pos}
+    at = np.broadcast_to(np.arange(lp - 1, seq - 1)[None], (n, lc)).astype(np.int32)
+    targets = jnp.asarray(ids[:, lp:], jnp.int32)
+    graphdef, params = nnx.split(model)
+
+    def loss_fn(p, inputs):
+        logits = nnx.merge(graphdef, p).forward(inputs, logits_positions=jnp.asarray(at))
+        logps = grpo.sequence_logps(logits, targets)
+        return grpo.grpo_loss(logps, old, ref, jnp.asarray(adv), jnp.asarray(mask), gcfg)[0]
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    dev_inputs = jax.device_put(inputs)
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, dev_inputs))
+    compile_s = time.perf_counter() - t0
+    jax_s = _median(lambda: jax.block_until_ready(step(params, dev_inputs)), args.reps)
+    jax_loss = float(step(params, dev_inputs)[0])
+
+    t_ids = torch.as_tensor(ids)
+    t_pos = torch.as_tensor(pos, dtype=torch.long)
+    t_old, t_ref = torch.as_tensor(old), torch.as_tensor(ref)
+    t_adv, t_mask = torch.as_tensor(adv)[:, None], torch.as_tensor(mask)
+    t_tgt = torch.as_tensor(ids[:, lp:])
+
+    def torch_step():
+        hf.zero_grad(set_to_none=True)
+        logits = hf(input_ids=t_ids, position_ids=t_pos, logits_to_keep=lc + 1).logits[:, :-1]
+        logps = torch.log_softmax(logits.float(), -1).gather(-1, t_tgt[..., None])[..., 0]
+        ratio = torch.exp(logps - t_old)
+        obj = torch.minimum(ratio * t_adv, torch.clamp(ratio, 0.8, 1.28) * t_adv)
+        d = t_ref - logps
+        tok = -obj + gcfg.beta * (torch.exp(d) - d - 1)
+        loss = (tok * t_mask).sum() / t_mask.sum()
+        loss.backward()
+        return float(loss)
+
+    torch_loss = torch_step()
+    torch_s = _median(torch_step, args.reps)
+    tokens = n * seq
+    res = {
+        "rows": n, "tokens_per_step": tokens,
+        "jax_s": round(jax_s, 4), "torch_s": round(torch_s, 4),
+        "jax_compile_s": round(compile_s, 2),
+        "jax_tokens_per_s": round(tokens / jax_s, 1),
+        "torch_tokens_per_s": round(tokens / torch_s, 1),
+        "ratio_vs_reference": round(torch_s / jax_s, 3),
+        "loss_jax": jax_loss, "loss_torch": torch_loss,
+        "threads": args.threads, "backend": jax.default_backend(),
+    }
+    for k, v in res.items():
+        print(f"  {k:20s} {v}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
