@@ -241,6 +241,7 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         self.config = config
+        workdir = Path(workdir).absolute()
         self.workdir = workdir
         self.model = build_model(config)
         self.mesh = None
@@ -732,7 +733,7 @@ def plot_timeline(rows: list[dict], out: Path, n: int = 16) -> Path:
 # ============================================================================ entry point
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train (resuming when the workdir has checkpoints), export, evaluate and report."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # Orbax wants absolute paths
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
