@@ -715,8 +715,9 @@ def plot_timeline(rows: list[dict], out: Path, n: int = 16) -> Path:
         for w in r["windows"]:
             ax.plot(w, [y + 0.12, y + 0.12], color="tab:green", lw=5, solid_capstyle="butt")
         p = r["parsed"]
-        if isinstance(p, list):
-            ax.plot(p, [y - 0.12, y - 0.12], color="tab:blue", lw=5, solid_capstyle="butt")
+        if isinstance(p, list):  # drawn clipped to the video; the raw answer is in predictions
+            p_draw = [min(max(v, 0.0), r["duration"]) for v in p]
+            ax.plot(p_draw, [y - 0.12, y - 0.12], color="tab:blue", lw=5, solid_capstyle="butt")
         label = r["query"][:38] + ("" if r["relevant"] else " [irrelevant]")
         mark = " (refused)" if p == "refuse" else " (unreadable)" if p is None else ""
         ax.text(-0.3, y, label + mark, ha="right", va="center", fontsize=7)
