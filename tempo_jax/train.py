@@ -10,6 +10,7 @@ non-finite loss or gradient skips the update and is logged; it never reaches a c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -301,8 +302,8 @@ class Trainer:
             offset += self.config[("sft" if s == "sft" else "rl")].steps
         raise ValueError(f"unknown stage {stage!r}")
 
-    def restore(self, opt_state, rng):
-        """(stage, step, opt_state, rng) of the latest checkpoint, or None."""
+    def latest(self):
+        """(checkpoint step, its metadata) of the latest checkpoint, or None."""
         import orbax.checkpoint as ocp
 
         latest = self.ckpt.latest_step()
@@ -331,7 +332,7 @@ class Trainer:
         for s in stages:
             if s not in ("sft", "grpo"):
                 raise ValueError(f"unknown stage {s!r} (sft, grpo)")
-        resume = self.restore(None, None)
+        resume = self.latest()
         start_stage, start_step, latest = None, 0, None
         if resume is not None:
             latest, meta = resume
@@ -465,7 +466,7 @@ class Trainer:
         grad_fn = jax.jit(jax.value_and_grad(grpo_objective, has_aux=True),
                           static_argnums=(2, 10, 11))
 
-        @functools_partial_jit(static_argnums=(2, 7))
+        @functools.partial(jax.jit, static_argnums=(2, 7))
         def ref_logps_fn(ref, frozen, graphdef, prompt_inputs, completions, comp_mask, start, g):
             from tempo_jax.rl import grpo as grpo_lib
 
@@ -599,10 +600,6 @@ class Trainer:
 
 
 # ============================================================================ helpers
-def functools_partial_jit(static_argnums):
-    return lambda f: jax.jit(f, static_argnums=static_argnums)
-
-
 def _frac(xs) -> float:
     return float(np.mean(xs)) if len(xs) else float("nan")
 
