@@ -622,9 +622,9 @@ def _prompt_examples(examples: list[dict]) -> list[dict]:
     """Drop the answer from processed SFT examples (rollout / evaluation prompts)."""
     out = []
     for ex in examples:
-        keep = ~ex["loss_mask"]
         # the answer is the tail of the sequence: everything up to the first answer token
-        first = int(np.argmax(ex["loss_mask"])) if ex["loss_mask"].any() else len(keep)
+        mask = ex["loss_mask"]
+        first = int(np.argmax(mask)) if mask.any() else len(mask)
         new = dict(ex)
         new["input_ids"] = ex["input_ids"][:first]
         new["position_ids"] = ex["position_ids"][:, :first]
@@ -648,7 +648,7 @@ def baseline_constant_window(train: list[dict], val_rows: list[dict]) -> dict:
     best, best_score = (0.0, 1.0), -1.0
     for s in grid:
         for e in grid[grid > s]:
-            score = np.mean([_iou((s * d, e * d), w) for w, d in wins])
+            score = np.mean([rewards_lib.temporal_iou((s * d, e * d), w) for w, d in wins])
             if score > best_score:
                 best, best_score = (s, e), score
     answers = [f"<answer>{best[0] * r['duration']:.1f} to {best[1] * r['duration']:.1f}</answer>"
@@ -657,12 +657,6 @@ def baseline_constant_window(train: list[dict], val_rows: list[dict]) -> dict:
                           [r["relevant"] for r in val_rows], [r["duration"] for r in val_rows])
     m["window_fraction"] = list(best)
     return m
-
-
-def _iou(a, b) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
 
 
 def plot_curves(workdir: Path) -> Path | None:
