@@ -30,7 +30,14 @@ from flax import nnx
 from tempo_jax import sharding as shd
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
-from tempo_jax.data.pipeline import PipelineConfig, collate, load_example, model_inputs
+from tempo_jax.data.pipeline import (
+    Loader,
+    PipelineConfig,
+    collate,
+    load_example,
+    make_loader,
+    model_inputs,
+)
 from tempo_jax.data.sources import VideoIndex, load_charades_sta, load_jsonl, load_qvhighlights
 from tempo_jax.data.sources import make_pir as make_pir_pairs
 from tempo_jax.generate import generate_from_inputs
@@ -51,6 +58,8 @@ def pipeline_config(config: ml_collections.ConfigDict, **kw) -> PipelineConfig:
     """The SAA / ETA / prompt part of the config: it is part of the model."""
     saa = saa_lib.SAAConfig(**{k: config.saa[k] for k in config.saa})
     prompt = prompts_lib.PromptConfig(**{k: config.prompt[k] for k in config.prompt})
+    kw.setdefault("num_workers", config.data.num_workers)
+    kw.setdefault("seed", config.seed)
     return PipelineConfig(saa=saa, prompt=prompt, max_seq_len=config.data.max_seq_len or None,
                           **kw)
 
@@ -105,7 +114,7 @@ def prepare_data(config, workdir: Path) -> Data:
     """Records for training (with PIR pairs) and evaluation; synthetic videos are generated
     under the workdir when absent."""
     if config.data.source == "synthetic":
-        from tempo_jax.data.synthetic import SyntheticSpec, generate
+        from tempo_jax.data.synthetic import SyntheticSpec, different_colours, generate
 
         root = workdir / "data"
         spec = dict(min_duration=config.data.synthetic_min_duration,
@@ -123,11 +132,14 @@ def prepare_data(config, workdir: Path) -> Data:
         for r in val:
             r["video"] = "val/" + r["video"]
         video_root = str(root)
+        compatible = different_colours  # a donor of the same colour would be a true match
     else:
         train, val = _load_records(config, config.data.train), _load_records(
             config, config.data.val)
         video_root = config.data.video_root
-    train = make_pir_pairs(train, config.data.irrelevant_ratio, seed=config.seed)
+        compatible = None
+    train = make_pir_pairs(train, config.data.irrelevant_ratio, seed=config.seed,
+                           compatible=compatible)
     return Data(train=list(train), val=list(val), video_root=video_root)
 
 
@@ -304,14 +316,10 @@ class Trainer:
 
     def latest(self):
         """(checkpoint step, its metadata) of the latest checkpoint, or None."""
-        import orbax.checkpoint as ocp
-
         latest = self.ckpt.latest_step()
         if latest is None:
             return None
-        meta = self.ckpt.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"]
-        return latest, meta
+        return latest, self._meta(latest)
 
     def restore_into(self, latest, opt_state, rng):
         import orbax.checkpoint as ocp
@@ -361,6 +369,29 @@ class Trainer:
             partial_restore=True)))
         return got["state"]["params"]
 
+    # ---- data: cached examples (small datasets) or the streaming Grain loader
+    def _stream(self, records: list[dict], video_root: str, pcfg: PipelineConfig,
+                resume_ckpt=None, stage: str = "") -> Loader:
+        """The Grain loader of a stage, each host reading its own share; restored to the
+        position saved in the checkpoint being resumed, so no example is seen twice or
+        skipped across a restart."""
+        loader = make_loader(records, video_root, pcfg, self.model.config.vision,
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
+        if resume_ckpt is not None:
+            state = self._meta(resume_ckpt).get("data_state")
+            if state is None:
+                log.warning("checkpoint %d has no data position; the %s stream restarts",
+                            resume_ckpt, stage)
+            else:
+                loader.set_state(state)
+        return loader
+
+    def _meta(self, step: int) -> dict:
+        import orbax.checkpoint as ocp
+
+        return self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"]
+
     def _pick(self, examples, rng, batch_size) -> list[dict]:
         """The examples of one step: a function of (seed, stage, step) only, so a resumed run
         sees exactly the batches an uninterrupted one would."""
@@ -383,7 +414,16 @@ class Trainer:
 
         c = self.config
         pcfg = pipeline_config(c, batch_size=c.sft.batch_size)
-        examples = self._examples(data, "train", pcfg)
+        accum = max(1, c.optim.accum_steps)
+        loader = None
+        if c.data.cache_examples:
+            examples = self._examples(data, "train", pcfg)
+        else:
+            if c.sft.batch_size % accum:
+                raise ValueError(f"sft.batch_size {c.sft.batch_size} is not a multiple of "
+                                 f"optim.accum_steps {accum}")
+            loader = self._stream(data.train, data.video_root, dataclasses.replace(
+                pcfg, batch_size=c.sft.batch_size // accum), resume_ckpt, "sft")
         tx = make_optimizer(c.sft.learning_rate, c.sft.warmup_steps, c.sft.steps, c.optim)
         opt_state = tx.init(self.params)
         rng = jax.random.PRNGKey(c.seed)
@@ -401,19 +441,22 @@ class Trainer:
         bar = tqdm(range(step0, c.sft.steps), desc="SFT", initial=step0, total=c.sft.steps,
                    file=sys.stdout, mininterval=2)
         for step in bar:
-            picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
-                                c.sft.batch_size)
+            if loader is not None:
+                micro = [next(loader) for _ in range(accum)]
+            else:
+                picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
+                                    c.sft.batch_size)
+                micro = [collate(chunk, pcfg, self.model.config.vision)
+                         for chunk in _chunks(picked, accum)]
             grads_sum, metrics, tokens = None, None, 0
-            chunks = _chunks(picked, c.optim.accum_steps)
-            for chunk in chunks:  # gradient accumulation: each micro-batch is its own batch
-                batch = collate(chunk, pcfg, self.model.config.vision)
+            for batch in micro:  # gradient accumulation: each micro-batch is its own batch
                 pred, tgt, valid = answer_targets(batch["loss_mask"], batch["input_ids"])
                 (loss, m), g = grad_fn(self.params, self.frozen, self.graphdef,
                                        model_inputs(batch), pred, tgt, valid)
                 grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
                 metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
                 tokens += int(batch["attention_mask"].sum())
-            n = len(chunks)
+            n = len(micro)
             grads = jax.tree.map(lambda g, n=n: g / n, grads_sum)
             metrics = {k: v / n for k, v in metrics.items()}
             if bool(_finite(metrics["loss"], grads)):
@@ -422,6 +465,8 @@ class Trainer:
                 skipped += 1
                 log.warning("SFT step %d: non-finite loss or gradient, update skipped", step)
             metrics["skipped_updates"] = skipped
+            if loader is not None:
+                metrics["skipped_examples"] = loader.skipped
             if (step + 1) % c.log_every == 0 or step + 1 == c.sft.steps:
                 now = time.perf_counter()
                 metrics["step_time"] = (now - t_last) / c.log_every
@@ -431,7 +476,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                 acc=f"{float(metrics['token_accuracy']):.2f}")
             if (step + 1) % c.ckpt_every == 0 or step + 1 == c.sft.steps or self.stop_requested:
-                self.save("sft", step + 1, opt_state, rng)
+                self.save("sft", step + 1, opt_state, rng, _data_state(loader))
             if self.stop_requested:
                 self.ckpt.wait_until_finished()
                 sys.exit(0)
@@ -444,8 +489,13 @@ class Trainer:
 
         c, rc = self.config, self.config.rl
         pcfg = pipeline_config(c, batch_size=rc.batch_size, with_answer=False, pad_side="left")
-        examples = _prompt_examples(self._examples(data, "train", pipeline_config(
-            c, batch_size=rc.batch_size)))
+        loader = None
+        if c.data.cache_examples:
+            examples = _prompt_examples(self._examples(data, "train", pipeline_config(
+                c, batch_size=rc.batch_size)))
+        else:
+            loader = self._stream(data.train, data.video_root,
+                                  dataclasses.replace(pcfg, seed=c.seed + 1), resume_ckpt, "grpo")
         gcfg = grpo_lib.GRPOConfig(
             num_generations=rc.num_generations, eps_low=rc.eps_low, eps_high=rc.eps_high,
             beta=rc.beta, scale_rewards=rc.scale_rewards, loss_agg=rc.loss_agg,
@@ -487,8 +537,11 @@ class Trainer:
         bar = tqdm(range(step0, rc.steps), desc="PIR-GRPO", initial=step0, total=rc.steps,
                    file=sys.stdout, mininterval=2)
         for step in bar:
-            batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
-                                rc.batch_size, pcfg)
+            if loader is not None:
+                batch = next(loader)
+            else:
+                batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
+                                    rc.batch_size, pcfg)
             inputs = model_inputs(batch)
             model = _merge(self.graphdef, self.params, self.frozen)
             key = jax.random.fold_in(rng, step)
@@ -541,6 +594,8 @@ class Trainer:
                                           if not i]),
                 skipped_updates=skipped,
             )
+            if loader is not None:
+                metrics["skipped_examples"] = loader.skipped
             now = time.perf_counter()
             metrics["step_time"] = now - t_last
             metrics["tokens_per_s"] = float(out.lengths.sum()) / metrics["step_time"]
@@ -550,7 +605,7 @@ class Trainer:
             bar.set_postfix(reward=f"{metrics['reward']:.2f}",
                             kl=f"{metrics.get('kl', 0.0):.3f}")
             if (step + 1) % c.ckpt_every == 0 or step + 1 == rc.steps or self.stop_requested:
-                self.save("grpo", step + 1, opt_state, rng)
+                self.save("grpo", step + 1, opt_state, rng, _data_state(loader))
             if self.stop_requested:
                 self.ckpt.wait_until_finished()
                 sys.exit(0)
@@ -571,16 +626,18 @@ class Trainer:
     def evaluate(self, data: Data, n: int | None = None) -> tuple[dict, list[dict]]:
         c = self.config
         pcfg = pipeline_config(c, batch_size=8, with_answer=False, pad_side="left")
-        examples = _prompt_examples(self._examples(data, "val", pipeline_config(c)))
-        if n:
-            examples = examples[:n]
+        if c.data.cache_examples:
+            examples = _prompt_examples(self._examples(data, "val", pipeline_config(c)))[:n]
+            batches = (collate(examples[i:i + 8], pcfg, self.model.config.vision)
+                       for i in range(0, len(examples), 8))
+        else:
+            batches = self._stream(data.val[:n], data.video_root, dataclasses.replace(
+                pcfg, shuffle=False, num_epochs=1))
         model = _merge(self.graphdef, self.params, self.frozen)
         eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
                self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
         rows = []
-        for i in range(0, len(examples), 8):
-            chunk = examples[i:i + 8]
-            batch = collate(chunk, pcfg, self.model.config.vision)
+        for batch in batches:
             out = generate_from_inputs(model, model_inputs(batch),
                                        max_new_tokens=c.eval_max_new_tokens, temperature=0,
                                        eos_token_id=eos, pad_token_id=eos[1])
@@ -600,6 +657,10 @@ class Trainer:
 
 
 # ============================================================================ helpers
+def _data_state(loader: Loader | None) -> dict | None:
+    return None if loader is None else {"data_state": loader.get_state()}
+
+
 def _frac(xs) -> float:
     return float(np.mean(xs)) if len(xs) else float("nan")
 

@@ -88,10 +88,14 @@ def test_short_run_writes_report_plots_and_export(demo_run):
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_sigterm_then_restart_equals_uninterrupted(demo_run, tmp_path):
-    """A run killed with SIGTERM mid-SFT and restarted ends with the same parameters."""
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streaming"])
+def test_sigterm_then_restart_equals_uninterrupted(demo_run, tmp_path, cached):
+    """A run killed with SIGTERM mid-SFT and restarted ends with the same parameters: with
+    in-memory examples (batches a function of the step) and with the streaming Grain loader
+    (its iterator position restored from the checkpoint)."""
     data = demo_run[0] / "data"
-    over = {"stages": "sft", "sft.steps": 10, "ckpt_every": 100}
+    over = {"stages": "sft", "sft.steps": 10, "ckpt_every": 100,
+            "data.cache_examples": cached}
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "tempo_jax.train"]
     runs = {}
@@ -145,3 +149,20 @@ def test_non_finite_loss_skips_the_update(demo_run, tmp_path, monkeypatch, caplo
     restored = trainer._restore_params(trainer.ckpt.latest_step())
     leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
     assert all(np.isfinite(x).all() for x in leaves)
+
+
+def test_streaming_run_skips_a_corrupt_video_and_counts_it(demo_run, tmp_path):
+    """With the streaming loader (no cache) both stages run; a corrupt training video is
+    dropped, logged and counted in the metrics instead of stopping the run."""
+    wd = tmp_path / "stream"
+    shutil.copytree(demo_run[0] / "data", wd / "data")
+    bad = sorted((wd / "data" / "train" / "videos").glob("*.mp4"))[0]
+    bad.write_bytes(b"not a video" * 100)
+    config = small_config(**{"data.cache_examples": False, "data.irrelevant_ratio": 0.0,
+                             "sft.steps": 4, "rl.steps": 3})  # 3 x 2 prompts: an epoch
+    report = train_lib.run(config, wd)
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"sft", "grpo"}
+    assert rows[-1]["skipped_examples"] >= 1  # the GRPO stream met the corrupt video too
+    assert max(r["skipped_examples"] for r in rows if r["stage"] == "sft") >= 1
+    assert 0.0 <= report["grpo"]["r1@0.5"] <= 1.0

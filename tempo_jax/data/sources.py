@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -389,13 +389,18 @@ class GroundingSource:
 # ----------------------------------------------------------------------------- PIR
 
 
-def make_pir(records: Sequence[dict], irrelevant_ratio: float = 0.2,
-             seed: int = 0) -> list[dict[str, Any]]:
+def make_pir(records: Sequence[dict], irrelevant_ratio: float = 0.2, seed: int = 0,
+             compatible: Callable[[dict, dict], bool] | None = None) -> list[dict[str, Any]]:
     """PIR pairs: `round(irrelevant_ratio * N)` samples, chosen at random, keep their video
     but take the query of a record from a *different source video* (`source_vid`, so never
     another clip of the same YouTube video), with `relevant=False` and `windows=[]` (the
     refusal target). Deterministic per `seed`; the rest are unchanged copies, order kept.
-    Irrelevant samples record where the query came from in `pir_query_qid`."""
+    Irrelevant samples record where the query came from in `pir_query_qid`.
+
+    `compatible(record, donor)`, when given, must hold for a pairing: a different source video
+    does not guarantee a different event (two synthetic videos may show the same red circle),
+    and a pair whose query does happen in the video would teach a wrong refusal. Donors are
+    redrawn (up to 1000 times) until it holds."""
     if not 0.0 <= irrelevant_ratio <= 1.0:
         raise ValueError(f"irrelevant_ratio must be in [0, 1], got {irrelevant_ratio}")
     n = len(records)
@@ -419,8 +424,13 @@ def make_pir(records: Sequence[dict], irrelevant_ratio: float = 0.2,
         others = n - size[src]
         if others == 0:
             raise ValueError("make_pir needs records from at least two source videos")
-        r = int(rng.integers(others))
-        donor = order[r if r < first[src] else r + size[src]]
+        for _ in range(1000):
+            r = int(rng.integers(others))
+            donor = order[r if r < first[src] else r + size[src]]
+            if compatible is None or compatible(records[i], records[donor]):
+                break
+        else:
+            raise ValueError(f"make_pir: no compatible donor query for {records[i]['qid']!r}")
         rec = out[i]
         rec.update(query=records[donor]["query"], windows=[], relevant=False,
                    pir_query_qid=str(records[donor]["qid"]),

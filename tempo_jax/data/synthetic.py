@@ -42,6 +42,7 @@ __all__ = [
     "SHAPES",
     "SyntheticSpec",
     "colour_pixels",
+    "different_colours",
     "generate",
     "main",
     "make_video",
@@ -395,6 +396,21 @@ def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
             }
         )
     return lines
+
+
+def query_colour(query: str) -> str | None:
+    """The colour a synthetic query names (its first colour word), or None."""
+    for word in query.lower().replace("?", " ").split():
+        if word in COLORS:
+            return word
+    return None
+
+
+def different_colours(record: dict, donor: dict) -> bool:
+    """`make_pir`'s `compatible` test for single-event synthetic videos: the donor query
+    names another colour than the video's own event, so it truly does not happen there."""
+    a, b = query_colour(record["query"]), query_colour(donor["query"])
+    return a is not None and b is not None and a != b
 
 
 def generate(
