@@ -324,3 +324,21 @@ def test_pir_single_source_fails():
         make_pir(recs, 0.5)
     with pytest.raises(ValueError):
         make_pir(recs, 1.5)
+
+
+def test_pir_compatible_redraws_donors_and_synthetic_colours_differ():
+    from tempo_jax.data.synthetic import different_colours
+
+    colours = ["red", "blue", "green"]
+    recs = [{"qid": f"v{i}", "video": f"v{i}.mp4", "windows": [[1.0, 2.0]], "duration": 10.0,
+             "relevant": True, "source_vid": f"v{i}",
+             "query": f"the {colours[i % 3]} circle moves upward"} for i in range(30)]
+    plain = make_pir(recs, 1.0, seed=0)
+    same = sum(different_colours(a, {"query": b["query"]}) is False
+               for a, b in zip(recs, plain, strict=True))
+    assert same > 0  # without the test, some donors name the video's own colour
+    out = make_pir(recs, 1.0, seed=0, compatible=different_colours)
+    for a, b in zip(recs, out, strict=True):
+        assert different_colours(a, {"query": b["query"]})
+    with pytest.raises(ValueError, match="no compatible donor"):
+        make_pir(recs, 1.0, seed=0, compatible=lambda r, d: False)
