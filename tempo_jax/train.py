@@ -56,16 +56,27 @@ REPORT_KEYS = ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate")
 # ============================================================================ settings
 def pipeline_config(config: ml_collections.ConfigDict, **kw) -> PipelineConfig:
     """The SAA / ETA / prompt part of the config: it is part of the model."""
-    saa = saa_lib.SAAConfig(**{k: config.saa[k] for k in config.saa})
-    prompt = prompts_lib.PromptConfig(**{k: config.prompt[k] for k in config.prompt})
     kw.setdefault("num_workers", config.data.num_workers)
     kw.setdefault("seed", config.seed)
-    return PipelineConfig(saa=saa, prompt=prompt, max_seq_len=config.data.max_seq_len or None,
-                          **kw)
+    kw.setdefault("max_seq_len", config.data.max_seq_len or None)
+    return pipeline_config_from_settings(settings_dict(config), **kw)
+
+
+def pipeline_config_from_settings(settings: dict, **kw) -> PipelineConfig:
+    """A `PipelineConfig` from saved settings (`tempo_settings.json`): what evaluation and
+    the `transformers` helpers use so their prompts equal the training ones. Unknown keys
+    (from a newer version) are an error rather than silently dropped."""
+    saa = saa_lib.SAAConfig(**settings["saa"])
+    prompt = prompts_lib.PromptConfig(**settings["prompt"])
+    return PipelineConfig(saa=saa, prompt=prompt, **kw)
 
 
 def settings_dict(config: ml_collections.ConfigDict) -> dict:
-    return {"saa": config.saa.to_dict(), "prompt": config.prompt.to_dict()}
+    """Every SAA and prompt field, defaults resolved, so a later change of a default never
+    changes what a saved model is fed."""
+    saa = saa_lib.SAAConfig(**config.saa.to_dict())
+    prompt = prompts_lib.PromptConfig(**config.prompt.to_dict())
+    return {"saa": dataclasses.asdict(saa), "prompt": dataclasses.asdict(prompt)}
 
 
 # ============================================================================ model

@@ -55,6 +55,10 @@ def test_batches_are_static_and_broken_videos_are_skipped(data):
     loader = make_loader(records, str(data), _cfg(max_seq_len=768), VISION)
     batches = _all(loader)
     assert loader.skipped == 2
+    seen = {m["qid"] for b in batches for m in b["meta"]}
+    failed = loader.skip_counter.failed
+    assert set(failed) == {str(r["qid"]) for r in records} - seen  # which ones, and why
+    assert all(reason for reason in failed.values())
     n_ok = len(records) - 2
     assert sum(len(b["meta"]) for b in batches) == n_ok
     shapes = {(b["input_ids"].shape, b["pixel_values"].shape) for b in batches[:-1]}

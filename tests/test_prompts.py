@@ -211,6 +211,28 @@ def test_eta_positions_by_hand(tok):
     np.testing.assert_array_equal(pos, ref[:, 0])
 
 
+def test_query_first_puts_the_question_before_the_video(tok):
+    cfg = PromptConfig(query_first=True)
+    times = [0.0, 2.5, 7.0]
+    ex = build_prompt(tok, "a dog runs", times, [GRID] * 3, cfg, answer="<answer>none</answer>")
+    ids, pos = ex["input_ids"], ex["position_ids"]
+    after = build_prompt(tok, "a dog runs", times, [GRID] * 3, PromptConfig(),
+                         answer="<answer>none</answer>")
+    assert sorted(ids.tolist()) == sorted(after["input_ids"].tolist() + tok.encode("\n"))
+    starts = np.flatnonzero(ids == VISION_START_ID)
+    question = tok.encode(question_text("a dog runs", cfg), add_special_tokens=False)
+    first_ts = int(starts[0] - ex["timestamp_lengths"][0])
+    assert ids[first_ts - len(question) - 1:first_ts - 1].tolist() == question
+    end_video = int(np.flatnonzero(ids == VISION_END_ID)[-1])
+    assert ids[end_video + 1] == IM_END_ID  # nothing between the video and the turn's end
+    # ETA positions are unchanged in form: P0 is where the video block starts
+    tau = first_ts + np.floor(np.asarray(times) * 2).astype(int)
+    np.testing.assert_array_equal(pos[0, starts + 1], tau)
+    np.testing.assert_array_equal(pos[:, :first_ts],
+                                  np.broadcast_to(np.arange(first_ts), (3, first_ts)))
+    assert ex["loss_mask"].sum() == after["loss_mask"].sum()
+
+
 def test_no_textual_timestamps(tok):
     cfg = PromptConfig(textual_timestamps=False)
     times = [0.0, 2.5]

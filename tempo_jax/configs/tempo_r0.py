@@ -69,6 +69,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.prompt.time_aligned_positions = True  # M-RoPE temporal index from real time
     c.prompt.thinking = False  # <think>...</think> before <answer>
     c.prompt.answer_decimals = 0 if tiny else 1  # precision of the answer's seconds
+    c.prompt.query_first = tiny  # question before the video (the video tokens see it)
 
     # ------------------------------------------------------------------ SFT
     c.sft = ml_collections.ConfigDict()

@@ -145,12 +145,15 @@ class SkipCounter:
     def __init__(self):
         self.count = 0
         self.reasons: list[str] = []
+        self.failed: dict[str, str] = {}  # qid -> reason (first 100k), for reports
 
     def __call__(self, ex: dict) -> bool:
         if "skip" in ex:
             self.count += 1
             if len(self.reasons) < 1000:
                 self.reasons.append(ex["skip"])
+            if len(self.failed) < 100_000:
+                self.failed[str(ex.get("qid", ""))] = ex["skip"]
             log.warning("skipping example %s: %s", ex.get("qid", "?"), ex["skip"])
             return False
         return True

@@ -258,6 +258,9 @@ class PromptConfig:
     `question_template`: fields `{query}` and `{format}` (the answer-format instruction,
     `format_instruction` or the default for `thinking`), which may use `{decimals}` and
     `{example}`.
+    `query_first`: put the question before the video block instead of after it (Qwen's
+    default). Under causal attention the video tokens then see the query, so each can tell
+    whether it shows what is asked; a small model learns to refuse much sooner this way.
     """
 
     system_prompt: str = DEFAULT_SYSTEM
@@ -269,6 +272,7 @@ class PromptConfig:
     question_template: str = DEFAULT_QUESTION
     format_instruction: str | None = None
     answer_decimals: int = 1
+    query_first: bool = False
 
     def __post_init__(self):
         if self.fps_nominal <= 0:
@@ -361,6 +365,9 @@ def build_prompt(
 
     add([IM_START_ID] + text("system\n" + cfg.system_prompt) + [IM_END_ID] + text("\n"))
     add([IM_START_ID] + text("user\n"))
+    question = text(question_text(query, cfg))
+    if cfg.query_first:
+        add(question + text("\n"))
     ts_lens = np.zeros((K,), dtype=np.int64)
     n_visual = 0
     for k in range(K):
@@ -371,7 +378,7 @@ def build_prompt(
         n = int(grids[k, 0] * grids[k, 1] * grids[k, 2]) // (merge * merge)
         n_visual += n
         add([VISION_START_ID] + [VIDEO_PAD_ID] * n + [VISION_END_ID])
-    add(text(question_text(query, cfg)) + [IM_END_ID] + text("\n"))
+    add(([] if cfg.query_first else question) + [IM_END_ID] + text("\n"))
     add([IM_START_ID] + text("assistant\n"))
     if answer is not None:
         add(text(answer) + [IM_END_ID], loss=True)
