@@ -34,6 +34,7 @@ from tempo_jax.data.pipeline import (
     Loader,
     PipelineConfig,
     collate,
+    config_from_settings,
     load_example,
     make_loader,
     model_inputs,
@@ -59,16 +60,7 @@ def pipeline_config(config: ml_collections.ConfigDict, **kw) -> PipelineConfig:
     kw.setdefault("num_workers", config.data.num_workers)
     kw.setdefault("seed", config.seed)
     kw.setdefault("max_seq_len", config.data.max_seq_len or None)
-    return pipeline_config_from_settings(settings_dict(config), **kw)
-
-
-def pipeline_config_from_settings(settings: dict, **kw) -> PipelineConfig:
-    """A `PipelineConfig` from saved settings (`tempo_settings.json`): what evaluation and
-    the `transformers` helpers use so their prompts equal the training ones. Unknown keys
-    (from a newer version) are an error rather than silently dropped."""
-    saa = saa_lib.SAAConfig(**settings["saa"])
-    prompt = prompts_lib.PromptConfig(**settings["prompt"])
-    return PipelineConfig(saa=saa, prompt=prompt, **kw)
+    return config_from_settings(settings_dict(config), **kw)
 
 
 def settings_dict(config: ml_collections.ConfigDict) -> dict:
@@ -129,8 +121,10 @@ def prepare_data(config, workdir: Path) -> Data:
 
         root = workdir / "data"
         spec = dict(min_duration=config.data.synthetic_min_duration,
-                    max_duration=config.data.synthetic_max_duration, max_events=1,
-                    distractor_prob=0.0, min_event_fraction=config.data.synthetic_min_event,
+                    max_duration=config.data.synthetic_max_duration,
+                    max_events=config.data.synthetic_max_events,
+                    distractor_prob=config.data.synthetic_distractor_prob,
+                    min_event_fraction=config.data.synthetic_min_event,
                     max_event_fraction=config.data.synthetic_max_event)
         generate(root / "train", SyntheticSpec(num=config.data.synthetic_train, seed=config.seed,
                                                **spec))

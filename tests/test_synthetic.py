@@ -37,7 +37,12 @@ def test_annotations_parse(generated):
     assert videos == [f"videos/syn{i:05d}.mp4" for i in range(3)]
     assert len({line["qid"] for line in lines}) == len(lines)
     for line in lines:
-        assert set(line) == {"video", "query", "windows", "duration", "qid", "relevant"}
+        assert set(line) == {"video", "query", "windows", "duration", "qid", "relevant",
+                             "colours"}
+        # the colours shown: every relevant query names one, no refusal query does
+        from tempo_jax.data.synthetic import query_colour
+
+        assert (query_colour(line["query"]) in line["colours"]) == line["relevant"]
         assert (out / line["video"]).is_file()
         assert SPEC.min_duration <= line["duration"] <= SPEC.max_duration
         info = video.probe(out / line["video"])

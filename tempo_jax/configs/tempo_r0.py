@@ -48,6 +48,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.synthetic_max_duration = 16.0
     c.data.synthetic_min_event = 0.12  # event length as a fraction of the video
     c.data.synthetic_max_event = 0.35  # (short events: a constant window scores poorly)
+    # objects per video, each its own event and query: with two, finding the asked one needs
+    # its colour, the same skill refusing needs (with one, position alone answers)
+    c.data.synthetic_max_events = 2
+    c.data.synthetic_distractor_prob = 0.0  # an extra object that is never asked about
     c.data.irrelevant_ratio = 0.2  # PIR: share of queries paired with another video
     c.data.num_workers = 0 if tiny else 8  # Grain worker processes
     c.data.cache_examples = tiny  # keep processed examples in memory (small datasets)

@@ -56,6 +56,15 @@ class PipelineConfig:
     tokenizer_path: str | None = None  # None: the offline Qwen2.5 tokenizer
 
 
+def config_from_settings(settings: dict, **kw) -> PipelineConfig:
+    """A `PipelineConfig` from saved SAA / prompt settings (`tempo_settings.json`, or
+    `train.settings_dict`): training, evaluation and the `transformers` helpers all build
+    their prompts through here, so they agree. Other keys of `settings` are ignored."""
+    saa = saa_lib.SAAConfig.from_dict(dict(settings.get("saa", {})))
+    prompt = prompts_lib.PromptConfig(**settings.get("prompt", {}))
+    return PipelineConfig(saa=saa, prompt=prompt, **kw)
+
+
 def plan_video(info: Any, cand_times: np.ndarray, grey: np.ndarray,
                cfg: saa_lib.SAAConfig) -> saa_lib.Plan:
     """SAA change scores of the thumbnails and the plan (frame times and resolution)."""

@@ -285,6 +285,8 @@ def load_jsonl(path, *, strict: bool = True, tolerance: float = DEFAULT_TOLERANC
             "windows": windows, "duration": duration, "relevant": relevant,
             "source_vid": _text(str(source), "source_vid"),
         }
+        for key, value in obj.items():  # extra fields (e.g. synthetic `colours`) ride along
+            rec.setdefault(key, value)
         return rec
 
     return _collect(path, parse, strict)

@@ -372,6 +372,7 @@ def colour_pixels(frames: np.ndarray, colour: str, tol: float = 60.0) -> np.ndar
 
 
 def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
+    shown = sorted(o["colour"] for o in meta["events"] + meta["distractors"])
     lines = []
     for k, ev in enumerate(meta["events"]):
         lines.append(
@@ -382,6 +383,7 @@ def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
                 "duration": meta["duration"],
                 "qid": f"{stem}_q{k}",
                 "relevant": True,
+                "colours": shown,
             }
         )
     for k, ab in enumerate(meta["absent_queries"]):
@@ -393,6 +395,7 @@ def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
                 "duration": meta["duration"],
                 "qid": f"{stem}_r{k}",
                 "relevant": False,
+                "colours": shown,
             }
         )
     return lines
@@ -407,10 +410,12 @@ def query_colour(query: str) -> str | None:
 
 
 def different_colours(record: dict, donor: dict) -> bool:
-    """`make_pir`'s `compatible` test for single-event synthetic videos: the donor query
-    names another colour than the video's own event, so it truly does not happen there."""
-    a, b = query_colour(record["query"]), query_colour(donor["query"])
-    return a is not None and b is not None and a != b
+    """`make_pir`'s `compatible` test for synthetic videos: the donor query names a colour the
+    video never shows (annotation field `colours`; else the colour of the record's own
+    query), so it truly does not happen there."""
+    b = query_colour(donor["query"])
+    shown = record.get("colours") or [query_colour(record["query"])]
+    return b is not None and None not in shown and b not in shown
 
 
 def generate(
