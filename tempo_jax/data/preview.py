@@ -37,7 +37,8 @@ from tempo_jax.data import saa, video
 from tempo_jax.data.processor import resize_frame
 
 __all__ = [
-    "JSON_KEYS", "PreviewError", "main", "preview", "render_text", "save_contact_sheet",
+    "JSON_KEYS", "PreviewError", "contact_sheet", "main", "preview", "render_text",
+    "save_contact_sheet",
     "thumbnail_size",
 ]
 
@@ -71,6 +72,14 @@ def preview(path: str | Path, saa_cfg: saa.SAAConfig | None = None) -> dict[str,
     :class:`tempo_jax.data.video.VideoError` (or :class:`PreviewError`) for bad input.
     """
     return _run(path, saa_cfg or saa.SAAConfig(), with_frames=False)[0]
+
+
+def contact_sheet(path: str | Path, out: str | Path,
+                  saa_cfg: saa.SAAConfig | None = None) -> tuple[dict[str, Any], Path]:
+    """Plan, decode and draw one video's SAA frames with their times (the notebook's frame
+    strip); returns ``preview``'s result and the PNG's path."""
+    result, frames, pts = _run(path, saa_cfg or saa.SAAConfig(), with_frames=True)
+    return result, save_contact_sheet(result, frames, pts, out)
 
 
 def _run(path: str | Path, cfg: saa.SAAConfig, with_frames: bool
