@@ -262,7 +262,7 @@ def evaluate_model(
     """
     from tqdm import tqdm
 
-    from tempo_jax.data.pipeline import config_from_settings, make_loader, model_inputs
+    from tempo_jax.data.pipeline import config_from_settings, jsonable, make_loader, model_inputs
     from tempo_jax.data.prompts import load_tokenizer
     from tempo_jax.generate import generate_from_inputs
     from tempo_jax.rl.rewards import parse_answer
@@ -295,8 +295,8 @@ def evaluate_model(
                                            eos_token_id=eos, pad_token_id=eos[1])
                 for m, t, n in zip(batch["meta"], res.tokens, res.lengths, strict=True):
                     text = tok.decode(t[:n], skip_special_tokens=True)
-                    row = {**{k: _jsonable(v) for k, v in m.items()}, "answer": text,
-                           "parsed": _jsonable(parse_answer(text))}
+                    row = {**{k: jsonable(v) for k, v in m.items()}, "answer": text,
+                           "parsed": jsonable(parse_answer(text))}
                     f.write(json.dumps(row) + "\n")
                     done[str(m["qid"])] = row
                 f.flush()
@@ -314,14 +314,6 @@ def evaluate_model(
         bar.close()
     rows = [done[str(r["qid"])] for r in records]
     return _finish(rows, records, out, dataset, timeline, ground_truth)
-
-
-def _jsonable(v):
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, tuple):
-        return list(v)
-    return v
 
 
 def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,

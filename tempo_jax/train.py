@@ -35,6 +35,7 @@ from tempo_jax.data.pipeline import (
     PipelineConfig,
     collate,
     config_from_settings,
+    jsonable,
     load_example,
     make_loader,
     model_inputs,
@@ -648,8 +649,8 @@ class Trainer:
                                        eos_token_id=eos, pad_token_id=eos[1])
             for m, t, n_tok in zip(batch["meta"], out.tokens, out.lengths, strict=True):
                 text = self.tokenizer.decode(t[:n_tok], skip_special_tokens=True)
-                rows.append({**{k: _jsonable(v) for k, v in m.items()}, "answer": text,
-                             "parsed": _jsonable(rewards_lib.parse_answer(text))})
+                rows.append({**{k: jsonable(v) for k, v in m.items()}, "answer": text,
+                             "parsed": jsonable(rewards_lib.parse_answer(text))})
         metrics = grounding_metrics([r["answer"] for r in rows], [r["windows"] for r in rows],
                                     [r["relevant"] for r in rows],
                                     [r["duration"] for r in rows])
@@ -668,14 +669,6 @@ def _data_state(loader: Loader | None) -> dict | None:
 
 def _frac(xs) -> float:
     return float(np.mean(xs)) if len(xs) else float("nan")
-
-
-def _jsonable(v):
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, tuple):
-        return list(v)
-    return v
 
 
 def _decode_start(batch) -> np.ndarray:

@@ -200,6 +200,15 @@ def collate(
     return batch
 
 
+def jsonable(value: Any) -> Any:
+    """A batch's `meta` value (or a parsed answer) as JSON: arrays and tuples become lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
 def model_inputs(batch: dict) -> dict:
     """The arrays `Qwen25VL.forward` reads (drops host-only metadata)."""
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_meta",
