@@ -307,7 +307,9 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         state = {"params": self.params.to_pure_dict(), "opt_state": opt_state, "rng": rng}
-        meta = {"stage": stage, "step": step, **(extra or {})}
+        # the SAA / ETA / prompt settings travel with every checkpoint: they are part of it
+        meta = {"stage": stage, "step": step, "settings": settings_dict(self.config),
+                **(extra or {})}
         gstep = self._global_step(stage, step)
         self.ckpt.save(gstep, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)

@@ -84,8 +84,14 @@ def test_short_run_writes_report_plots_and_export(demo_run):
     assert (hf / "config.json").exists()
     settings = json.loads((hf / "tempo_settings.json").read_text())
     assert settings["prompt"]["textual_timestamps"] is True
-    assert "max_visual_tokens" in settings["saa"]
+    assert settings["saa"]["max_visual_tokens"] == SMALL["saa.max_visual_tokens"]
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    # every checkpoint carries the same settings in its metadata
+    ckpts = sorted((workdir / "ckpt").iterdir())
+    assert ckpts
+    for c in ckpts:
+        meta = json.loads((c / "meta" / "metadata").read_text())
+        assert meta["settings"] == settings
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "streaming"])
