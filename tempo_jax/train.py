@@ -73,12 +73,16 @@ def settings_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 # ============================================================================ model
-def build_model(config: ml_collections.ConfigDict) -> Qwen25VL:
+def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_RULES
+                ) -> Qwen25VL:
+    """The model; a checkpoint is read straight onto `mesh` (each tensor placed on its
+    sharding as it is read, never the whole model on one device)."""
     dtype = jnp.dtype(config.model.dtype)
     opts = RuntimeOptions(dtype=dtype, attention_backend=config.model.attention_backend,
                           remat=config.model.remat)
     if config.model.init_checkpoint:
-        return load_pretrained(config.model.init_checkpoint, dtype=dtype, options=opts)
+        return load_pretrained(config.model.init_checkpoint, dtype=dtype, options=opts,
+                               mesh=mesh, rules=rules)
     cfg = preset(config.model.preset)
     if config.model.preset == "tiny" and config.model.get("tiny_overrides"):
         text = dataclasses.replace(cfg.text, **config.model.tiny_overrides)
@@ -244,11 +248,29 @@ def _finite(loss, grads):
 def make_optimizer(lr: float, warmup: int, steps: int, oc) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
                                                   end_value=lr * 0.1)
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(oc.grad_clip),
-        optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay,
-                    mu_dtype=jnp.float32 if oc.fp32_state else None),
+        optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay),
     )
+    return fp32_state(tx) if oc.fp32_state else tx
+
+
+def fp32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` in fp32 whatever the parameter dtype: both Adam moments (optax's `mu_dtype`
+    covers only the first) and the update math; `optax.apply_updates` casts the update back
+    to each parameter's dtype (bf16 parameters, fp32 optimizer state)."""
+
+    def f32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return inner.init(f32(params))
+
+    def update(updates, state, params=None):
+        return inner.update(f32(updates), state, None if params is None else f32(params))
+
+    return optax.GradientTransformation(init, update)
 
 
 # ============================================================================ trainer
@@ -262,12 +284,13 @@ class Trainer:
         self.config = config
         workdir = Path(workdir).absolute()
         self.workdir = workdir
-        self.model = build_model(config)
         self.mesh = None
+        self.rules = shd.rules_from_config(config.mesh)
         if jax.device_count() > 1:
-            m = config.mesh
-            self.mesh = shd.make_mesh(m.data, m.fsdp, m.tensor)
-            shd.shard_model(self.model, self.mesh)
+            self.mesh = shd.mesh_from_config(config.mesh)
+        self.model = build_model(config, self.mesh, self.rules)
+        if self.mesh is not None and not config.model.init_checkpoint:
+            shd.shard_model(self.model, self.mesh, self.rules)
         self.graphdef, self.params, self.frozen = nnx.split(
             self.model, trainable_filter(config), ...)
         self.tokenizer = prompts_lib.load_tokenizer(None)
@@ -276,9 +299,11 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=config.ckpt_keep,
                                                  enable_async_checkpointing=True),
         )
-        self.metrics_file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.is_main = jax.process_index() == 0  # only process 0 writes logs and exports
+        self.metrics_file = (open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+                             if self.is_main else None)
         self.tb = None
-        if jax.process_index() == 0:
+        if self.is_main:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -296,6 +321,8 @@ class Trainer:
     def log_metrics(self, stage: str, step: int, metrics: dict) -> None:
         row = {"stage": stage, "step": step}
         row.update({k: float(v) for k, v in metrics.items()})
+        if self.metrics_file is None:
+            return
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         if self.tb is not None:
@@ -458,9 +485,13 @@ class Trainer:
                          for chunk in _chunks(picked, accum)]
             grads_sum, metrics, tokens = None, None, 0
             for batch in micro:  # gradient accumulation: each micro-batch is its own batch
-                pred, tgt, valid = answer_targets(batch["loss_mask"], batch["input_ids"])
-                (loss, m), g = grad_fn(self.params, self.frozen, self.graphdef,
-                                       model_inputs(batch), pred, tgt, valid)
+                targets = [shd.shard_rows(a, self.mesh, self.rules, pad_axis=1) for a in
+                           answer_targets(batch["loss_mask"], batch["input_ids"])]
+                inputs = shd.global_batch(batch, self.mesh, self.rules,
+                                          model_config=self.model.config)
+                with shd.use_mesh(self.mesh, self.rules):
+                    (loss, m), g = grad_fn(self.params, self.frozen, self.graphdef, inputs,
+                                           *targets)
                 grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
                 metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
                 tokens += int(batch["attention_mask"].sum())
@@ -496,6 +527,10 @@ class Trainer:
         from tempo_jax.rl import grpo as grpo_lib
 
         c, rc = self.config, self.config.rl
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                "PIR-GRPO on several hosts: the rollout (generate) still takes host arrays; "
+                "run the GRPO stage on one host (any number of local devices)")
         pcfg = pipeline_config(c, batch_size=rc.batch_size, with_answer=False, pad_side="left")
         loader = None
         if c.data.cache_examples:
@@ -574,17 +609,22 @@ class Trainer:
             t_len = out.tokens.shape[1]
             comp_mask = (np.arange(t_len)[None, :] < out.lengths[:, None])
             start = np.repeat(_decode_start(batch), G)
-            completions = jnp.asarray(out.tokens)
-            cm = jnp.asarray(comp_mask)
-            st = jnp.asarray(start)
-            old = jnp.asarray(out.logprobs)
+            # the update step: prompts and completions sharded over the batch (data, fsdp)
+            rows = functools.partial(shd.shard_rows, mesh=self.mesh, rules=self.rules)
+            completions, cm, st, old = (rows(a) for a in (out.tokens, comp_mask, start,
+                                                          out.logprobs))
+            adv = rows(np.asarray(adv))
+            inputs = shd.global_batch(batch, self.mesh, self.rules,
+                                      model_config=self.model.config, pad_side="left")
             ref = None
             if ref_params is not None:
-                ref = ref_logps_fn(ref_params, self.frozen, self.graphdef, inputs, completions,
-                                   cm, st, G)
+                with shd.use_mesh(self.mesh, self.rules):
+                    ref = ref_logps_fn(ref_params, self.frozen, self.graphdef, inputs,
+                                       completions, cm, st, G)
             for _ in range(rc.num_iterations):
-                (loss, m), grads = grad_fn(self.params, self.frozen, self.graphdef, inputs,
-                                           completions, cm, st, old, ref, adv, gcfg, G)
+                with shd.use_mesh(self.mesh, self.rules):
+                    (loss, m), grads = grad_fn(self.params, self.frozen, self.graphdef, inputs,
+                                               completions, cm, st, old, ref, adv, gcfg, G)
                 if bool(_finite(loss, grads)):
                     self.params, opt_state = apply(self.params, opt_state, grads)
                 else:
@@ -659,9 +699,12 @@ class Trainer:
         return metrics, rows
 
     def export(self, path: Path) -> None:
+        """HF export; on several hosts every process takes part (tensors are gathered one at
+        a time) and process 0 writes."""
         model = _merge(self.graphdef, self.params, self.frozen)
         save_pretrained(model, path)
-        (path / SETTINGS_FILE).write_text(json.dumps(settings_dict(self.config), indent=2))
+        if self.is_main:
+            (path / SETTINGS_FILE).write_text(json.dumps(settings_dict(self.config), indent=2))
 
 
 # ============================================================================ helpers
@@ -787,8 +830,10 @@ def plot_timeline(rows: list[dict], out: Path, n: int = 16) -> Path:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train (resuming when the workdir has checkpoints), export, evaluate and report."""
     workdir = Path(workdir).absolute()  # Orbax wants absolute paths
+    main = jax.process_index() == 0  # only process 0 writes logs, plots, report, export
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
     data = prepare_data(config, workdir)
     trainer = Trainer(config, workdir)
@@ -803,20 +848,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         metrics, rows = trainer.evaluate(data)
         report[stage] = metrics
         rows_by_stage[stage] = rows
-        path.write_text(json.dumps(metrics, indent=2))
+        if main:
+            path.write_text(json.dumps(metrics, indent=2))
         log.info("%s: %s", stage, {k: report[stage][k] for k in REPORT_KEYS})
 
     trainer.run(data, after_stage)
     last = [s.strip() for s in config.stages.split(",")][-1]
     rows = rows_by_stage.get(last) or trainer.evaluate(data)[1]
-    if jax.process_index() == 0:
-        trainer.export(workdir / "hf")
+    trainer.export(workdir / "hf")  # every process: it gathers one tensor at a time
+    if main:
         plot_curves(workdir)
         plot_timeline(rows, workdir / "timeline.png")
         with open(workdir / "predictions.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     report["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    if main:
+        (workdir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -827,10 +874,15 @@ def main(argv=None) -> None:
     default_cfg = str(Path(__file__).parent / "configs" / "tempo_r0.py") + ":tiny"
     config_flags.DEFINE_config_file("config", default_cfg, "experiment config (file:arg)")
     flags.DEFINE_string("workdir", "runs/demo", "checkpoints, logs, plots, report")
+    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (auto-detected "
+                      "from JAX_COORDINATOR_ADDRESS, SLURM and TPU pod variables otherwise)")
 
     def _main(_):
+        from tempo_jax import distributed
+
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         logging.getLogger("absl").setLevel(logging.WARNING)
+        distributed.initialize(force=flags.FLAGS.multihost)
         report = run(flags.FLAGS.config, flags.FLAGS.workdir)
         print(json.dumps(report))
 

@@ -172,3 +172,33 @@ def test_streaming_run_skips_a_corrupt_video_and_counts_it(demo_run, tmp_path):
     assert rows[-1]["skipped_examples"] >= 1  # the GRPO stream met the corrupt video too
     assert max(r["skipped_examples"] for r in rows if r["stage"] == "sft") >= 1
     assert 0.0 <= report["grpo"]["r1@0.5"] <= 1.0
+
+
+def test_fp32_optimizer_state_for_bf16_parameters():
+    """optim.fp32_state: both Adam moments in fp32 (optax's mu_dtype covers only the first)
+    and the update computed in fp32, then cast to the bf16 parameters."""
+    import jax
+    import optax
+
+    oc = get_config("3b").optim
+    params = {"w": jnp.asarray([1.0, -2.0, 3.0], jnp.bfloat16)}
+    grads = {"w": jnp.asarray([1e-3, 0.5, -0.25], jnp.bfloat16)}
+    tx = train_lib.make_optimizer(1e-2, 1, 10, oc)
+    state = tx.init(params)
+    moments = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 1]
+    assert len(moments) == 2 and all(m.dtype == jnp.float32 for m in moments)
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert new["w"].dtype == jnp.bfloat16
+    oc32 = get_config("3b").optim
+    oc32.fp32_state = False
+    tx32 = train_lib.make_optimizer(1e-2, 1, 10, oc32)
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, grads))
+    up32, _ = tx32.update(f32[1], tx32.init(f32[0]), f32[0])
+    np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(up32["w"]), rtol=1e-6)
+    # without the switch, the second moment follows the bf16 parameters
+    plain = get_config("3b").optim
+    plain.fp32_state = False
+    low = [x for x in jax.tree.leaves(train_lib.make_optimizer(1e-2, 1, 10, plain).init(params))
+           if getattr(x, "ndim", 0) == 1]
+    assert all(m.dtype == jnp.bfloat16 for m in low)

@@ -78,7 +78,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------------ SFT
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = 900 if tiny else 2000
+    c.sft.steps = 600 if tiny else 2000
     c.sft.batch_size = 16 if tiny else 64  # global batch (sequences)
     c.sft.learning_rate = 2e-3 if tiny else 1e-5
     c.sft.warmup_steps = 30 if tiny else 100
@@ -121,4 +121,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
+    # several TPU slices / GPU nodes: each axis is (ICI size above) x (slices / nodes below)
+    c.mesh.dcn_data = 1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
+    c.mesh.rules = "default"  # logical -> mesh axes: default | tpu | gpu (tempo_jax.sharding)
+    c.mesh.rule_overrides = ""  # e.g. "kv_heads=;batch=data+fsdp" (empty: replicated)
     return c
