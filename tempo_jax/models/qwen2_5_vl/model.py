@@ -24,8 +24,11 @@ from tempo_jax.models.attention import attention, check_backend
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+from tempo_jax.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
+RESIDUAL = ("batch", "seq", "embed")  # logical names of the activations (sharding.constrain)
+LOGITS = ("batch", "seq", "vocab")
 
 _init = jax.nn.initializers.normal(0.02)
 
@@ -315,8 +318,10 @@ class TextModel(nnx.Module):
             )
             layer_fn = nnx.remat(layer_fn, policy=policy)
         kvs = []
+        x = constrain(x, RESIDUAL)
         for layer in self.layers:
             x, kv = layer_fn(layer, x)
+            x = constrain(x, RESIDUAL)
             kvs.append(kv)
         x = self.norm(x)
         return (x, kvs) if return_kv else x
@@ -327,6 +332,7 @@ class TextModel(nnx.Module):
         new = []
         for layer, (ck, cv) in zip(self.layers, caches, strict=True):
             x, ck, cv = layer.decode(x, cos, sin, ck, cv, index, kv_mask, opts)
+            x = constrain(x, RESIDUAL)
             new.append((ck, cv))
         return self.norm(x), new
 
@@ -387,9 +393,11 @@ class Qwen25VL(nnx.Module):
         dt = self.options.dtype
         if self.lm_head is None:
             w = self.model.embed_tokens.embedding[...].astype(dt)
-            return jnp.einsum("...d,vd->...v", h.astype(dt), w, preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head.kernel[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            out = jnp.einsum("...d,vd->...v", h.astype(dt), w, preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head.kernel[...].astype(dt),
+                             preferred_element_type=jnp.float32)
+        return constrain(out, LOGITS) if out.ndim == 3 else out
 
     def forward(self, inputs: dict, logits_positions=None):
         """Logits [B, L, V] (fp32), or [B, K, V] at `logits_positions` [B, K] only (the LM head

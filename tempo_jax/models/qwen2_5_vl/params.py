@@ -164,7 +164,14 @@ def hf_tensors(model: Qwen25VL) -> Iterator[tuple[str, np.ndarray]]:
     """(released HF key, numpy tensor) for every parameter, one at a time."""
     config = model.config
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.asarray(jax.device_get(var.get_value()))
+        value = var.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            # sharded over several hosts: gather this one tensor (a collective: every process
+            # iterates), so no host ever holds more than one full tensor of the model
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        value = np.asarray(jax.device_get(value))
         yield hf_key(p), np.ascontiguousarray(to_hf(p, value, config))
 
 
@@ -174,6 +181,10 @@ def save_pretrained(
     """Write `config.json` (released flat layout) and sharded safetensors with an index that
     `transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained` loads."""
     path = epath.Path(path)
+    if jax.process_index() != 0:  # several hosts: take part in the per-tensor gathers only
+        for _ in hf_tensors(model):
+            pass
+        return []
     path.mkdir(parents=True, exist_ok=True)
     first = next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].get_value()
     dtype_name = _TORCH_DTYPE_NAMES.get(jnp.dtype(first.dtype).name, "float32")

@@ -1,0 +1,276 @@
+"""Worker of tests/test_scale.py, run in subprocesses with fake CPU devices.
+
+    python scale_worker.py mesh8 EXAMPLES OUT        # 8 devices: equivalence, checkpoints
+    python scale_worker.py proc EXAMPLES OUT         # one of 2 jax.distributed processes
+
+Writes OUT/<mode>[_<process>].json (and safetensors exports) for the test to check.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tempo_jax import distributed  # noqa: E402
+
+MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
+LR = 3e-3
+SFT_ROWS = 4  # global SFT batch
+SFT_STEPS = 2
+
+
+def config():
+    from tempo_jax.configs.tempo_r0 import get_config
+
+    c = get_config("tiny")
+    for k, v in MODEL.items():
+        c.model.tiny_overrides[k] = v
+    return c
+
+
+def split(model, c):
+    from flax import nnx
+
+    from tempo_jax import train
+
+    return nnx.split(model, train.trainable_filter(c), ...)
+
+
+def fresh(c, mesh, rules):
+    """The model of the config's seed, placed on `mesh` (None: one device)."""
+    from tempo_jax import sharding as shd
+    from tempo_jax import train
+
+    model = train.build_model(c)
+    if mesh is not None:
+        shd.shard_model(model, mesh, rules)
+    return model
+
+
+def sft_batches(examples, c, vision, rows=None):
+    """SFT_STEPS batches of SFT_ROWS examples (or only `rows` of each: a host's share)."""
+    from tempo_jax import train
+    from tempo_jax.data.pipeline import collate
+
+    pcfg = train.pipeline_config(c)
+    out = []
+    for s in range(SFT_STEPS):
+        chunk = [examples[(s * SFT_ROWS + i) % len(examples)] for i in range(SFT_ROWS)]
+        if rows is not None:
+            chunk = [chunk[i] for i in rows]
+        out.append(collate(chunk, pcfg, vision))
+    return out
+
+
+def run_sft(c, mesh, rules, batches):
+    """The trainer's SFT update (train.sft_loss, train.make_optimizer) on global batches."""
+    import jax
+    import optax
+
+    from tempo_jax import sharding as shd
+    from tempo_jax import train
+
+    model = fresh(c, mesh, rules)
+    graphdef, params, frozen = split(model, c)
+    tx = train.make_optimizer(LR, 1, 10, c.optim)
+    opt = tx.init(params)
+    grad_fn = jax.jit(jax.value_and_grad(train.sft_loss, has_aux=True), static_argnums=(2,))
+
+    @jax.jit
+    def apply(params, opt, grads):
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    losses, hlo = [], ""
+    for batch in batches:
+        targets = [shd.shard_rows(a, mesh, rules, pad_axis=1)
+                   for a in train.answer_targets(batch["loss_mask"], batch["input_ids"])]
+        inputs = shd.global_batch(batch, mesh, rules, model_config=model.config)
+        with shd.use_mesh(mesh, rules):
+            if not hlo:
+                hlo = grad_fn.lower(params, frozen, graphdef, inputs, *targets).as_text()
+            (loss, _), grads = grad_fn(params, frozen, graphdef, inputs, *targets)
+        assert bool(train._finite(loss, grads))
+        params, opt = apply(params, opt, grads)
+        losses.append(float(loss))
+    return losses, params, opt, graphdef, frozen, tx, hlo, inputs
+
+
+def run_grpo(c, mesh, rules, examples, vision):
+    """One PIR-GRPO update (train.grpo_objective) on fixed completions; the loss, metrics
+    and updated parameters."""
+    import jax
+    import optax
+
+    from tempo_jax import sharding as shd
+    from tempo_jax import train
+    from tempo_jax.data.pipeline import collate
+    from tempo_jax.rl import grpo as grpo_lib
+
+    b, g, t = 4, 2, 6
+    pcfg = train.pipeline_config(c, with_answer=False, pad_side="left")
+    batch = collate(train._prompt_examples(examples[:b]), pcfg, vision)
+    rng = np.random.default_rng(7)
+    completions = rng.integers(10, 500, (b * g, t)).astype(np.int32)
+    lengths = np.asarray([6, 3, 5, 1, 6, 4, 2, 6])
+    comp_mask = np.arange(t)[None, :] < lengths[:, None]
+    start = np.repeat(train._decode_start(batch), g).astype(np.int32)
+    # near the untrained policy's log-probabilities (about -log(vocab)): ratios around 1,
+    # some clipped
+    old = (-np.log(c_vocab(vision)) + rng.normal(0, 0.3, (b * g, t))).astype(np.float32)
+    ref = (old + rng.normal(0, 0.3, old.shape)).astype(np.float32)
+    adv = rng.normal(size=b * g).astype(np.float32)
+    gcfg = grpo_lib.GRPOConfig(num_generations=g, beta=0.04)
+
+    model = fresh(c, mesh, rules)
+    graphdef, params, frozen = split(model, c)
+    tx = train.make_optimizer(LR, 1, 10, c.optim)
+    opt = tx.init(params)
+    grad_fn = jax.jit(jax.value_and_grad(train.grpo_objective, has_aux=True),
+                      static_argnums=(2, 10, 11))
+    rows = [shd.shard_rows(a, mesh, rules) for a in (completions, comp_mask, start, old, ref,
+                                                     adv)]
+    inputs = shd.global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
+    with shd.use_mesh(mesh, rules):
+        (loss, m), grads = grad_fn(params, frozen, graphdef, inputs, *rows, gcfg, g)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    return float(loss), {k: float(v) for k, v in m.items()}, params, grads
+
+
+def c_vocab(vision) -> int:
+    from tempo_jax.models.qwen2_5_vl import preset
+
+    return preset("tiny").text.vocab_size
+
+
+def flat(params) -> dict[str, np.ndarray]:
+    import jax
+
+    return {"/".join(map(str, k)): np.asarray(jax.device_get(v))
+            for k, v in params.flat_state()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max())
+               for k in a)
+
+
+def mesh8(examples, out: Path) -> None:
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from tempo_jax import sharding as shd
+    from tempo_jax.models.qwen2_5_vl.params import save_pretrained
+
+    assert jax.device_count() == 8, jax.devices()
+    c = config()
+    rules = shd.DEFAULT_RULES
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    vision = fresh(c, None, rules).config.vision
+    res: dict = {}
+
+    # ---- SFT: one device vs the (2, 2, 2) mesh
+    batches = sft_batches(examples, c, vision)
+    l1, p1, _, gd1, fr1, _, hlo1, _ = run_sft(c, None, rules, batches)
+    l8, p8, o8, gd8, fr8, tx, hlo8, inputs8 = run_sft(c, mesh, rules, batches)
+    res["sft_losses_1"], res["sft_losses_8"] = l1, l8
+    res["sft_param_diff"] = max_diff(flat(p1), flat(p8))
+    res["sft_param_change"] = max_diff(flat(p1), flat(split(fresh(c, None, rules), c)[1]))
+    res["constraints_1"] = hlo1.count("sharding_constraint") + hlo1.count("@Sharding")
+    res["constraints_8"] = hlo8.count("sharding_constraint") + hlo8.count("@Sharding")
+    res["input_spec"] = str(inputs8["input_ids"].sharding.spec)
+    res["q_spec"] = str(p8["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+                        .sharding.spec)
+    # the single-process reference of the two-process run
+    save_pretrained(nnx.merge(gd1, p1, fr1), out / "ref_hf")
+
+    # ---- PIR-GRPO update: one device vs the mesh
+    g1, m1, q1, d1 = run_grpo(c, None, rules, examples, vision)
+    g8, m8, q8, d8 = run_grpo(c, mesh, rules, examples, vision)
+    res["grpo_loss_1"], res["grpo_loss_8"] = g1, g8
+    res["grpo_metric_rel_diff"] = max(abs(m1[k] - m8[k]) / max(1.0, abs(m1[k])) for k in m1)
+    res["grpo_param_diff"] = max_diff(flat(q1), flat(q8))
+    res["grpo_grad_diff"] = max_diff(flat(d1), flat(d8))
+    res["grpo_grad_max"] = max(float(np.abs(v).max()) for v in flat(d1).values())
+    res["grpo_clip_fraction"] = m1["clip_fraction"]
+
+    # ---- Orbax checkpoint saved on the mesh, restored on (fsdp=4) and on one device
+    saved = {"params": p8.to_pure_dict(), "opt_state": o8}
+    mgr = ocp.CheckpointManager(out / "ckpt")
+    mgr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(saved)))
+    mgr.wait_until_finished()
+    want = {"params": flat(p8), "opt": [np.asarray(x) for x in jax.tree.leaves(o8)]}
+    for name, target_mesh in (("fsdp4", shd.make_mesh(fsdp=4, devices=jax.devices()[:4])),
+                              ("one", None)):
+        _, params, _ = split(fresh(c, target_mesh, rules), c)
+        abstract = {"params": params.to_pure_dict(), "opt_state": tx.init(params)}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        got = mgr.restore(1, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract))))["state"]
+        nnx.replace_by_pure_dict(params, got["params"])
+        res[f"ckpt_{name}_diff"] = max(
+            max_diff(want["params"], flat(params)),
+            max(float(np.abs(a - np.asarray(b)).max())
+                for a, b in zip(want["opt"], jax.tree.leaves(got["opt_state"]), strict=True)))
+        k = params["model"]["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+        res[f"ckpt_{name}_devices"] = len(k.sharding.device_set)
+        res[f"ckpt_{name}_spec"] = str(getattr(k.sharding, "spec", None))
+    (out / "mesh8.json").write_text(json.dumps(res))
+
+
+def proc(examples, out: Path) -> None:
+    """One of two jax.distributed processes (4 CPU devices each): the SFT steps of `mesh8` on
+    a (data 2 over the processes, fsdp 2, tensor 2) mesh, each process holding half of every
+    batch's rows, then the non-gathering HF export."""
+    import jax
+    from flax import nnx
+
+    from tempo_jax import sharding as shd
+    from tempo_jax.models.qwen2_5_vl.params import save_pretrained
+
+    assert distributed.initialize(), "jax.distributed was not started from the environment"
+    me = jax.process_index()
+    assert jax.process_count() == 2 and jax.local_device_count() == 4, jax.devices()
+    c = config()
+    rules = shd.DEFAULT_RULES
+    mesh = shd.make_mesh(data=1, fsdp=2, tensor=2, dcn_data=2)
+    vision = fresh(c, None, rules).config.vision
+    half = SFT_ROWS // 2
+    batches = sft_batches(examples, c, vision, rows=range(me * half, (me + 1) * half))
+    losses, params, _, graphdef, frozen, _, _, inputs = run_sft(c, mesh, rules, batches)
+    save_pretrained(nnx.merge(graphdef, params, frozen), out / "hf")
+    # the pixels this host read are the global array's shards on this host's devices
+    pix = inputs["pixel_values"]
+    shards = sorted(pix.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+    mine = np.concatenate([np.asarray(sh.data) for sh in shards])
+    n = int(np.asarray(batches[-1]["video_grid_thw"]).prod(1).sum())
+    pixels_local = bool(np.array_equal(mine[:n], np.asarray(batches[-1]["pixel_values"])[:n])
+                        and not mine[n:].any())
+    (out / f"proc_{me}.json").write_text(json.dumps({
+        "losses": losses, "process": me, "global_rows": int(inputs["input_ids"].shape[0]),
+        "local_patches": int(np.asarray(batches[0]["video_grid_thw"]).prod(1).sum()),
+        "pixels_local": pixels_local, "pixel_rows": int(pix.shape[0]),
+        "mesh_data_processes": [sorted({d.process_index for d in row.flat})
+                                for row in mesh.devices],
+    }))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    mode, examples_path, out_dir = sys.argv[1:4]
+    with open(examples_path, "rb") as f:
+        exs = pickle.load(f)
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    {"mesh8": mesh8, "proc": proc}[mode](exs, out_path)
