@@ -1,0 +1,190 @@
+"""The memory planner: parameter counts, shard bytes against an independent computation,
+the fits verdict, the smallest-mesh search and the CLI. Abstract shapes only (no weights are
+allocated), so the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding
+
+from tempo_jax import plan as P
+from tempo_jax import sharding as shd
+from tempo_jax.models.qwen2_5_vl.config import preset
+from tempo_jax.models.qwen2_5_vl.params import abstract_model
+
+
+@pytest.fixture(scope="module")
+def cfg7b():
+    return P.load_config("configs/tempo_r0.py:7b")
+
+
+@pytest.fixture(scope="module")
+def cfg3b():
+    return P.load_config("configs/tempo_r0.py:3b")
+
+
+def test_param_counts_equal_the_released_models(cfg7b, cfg3b):
+    assert P.plan(cfg7b, {"fsdp": 64}, "v5p", search=False)["param_count"] == 8_292_166_656
+    assert P.plan(cfg3b, {"fsdp": 64}, "v5p", search=False)["param_count"] == 3_754_622_976
+
+
+def test_parameter_bytes_scale_with_fsdp(cfg7b):
+    mcfg = P.model_config(cfg7b)
+    one = P.tensor_plans(mcfg, {"data": 1, "fsdp": 1, "tensor": 1})
+    assert sum(p.shard_bytes for p in one) == 8_292_166_656 * 2  # bf16, nothing split
+    for n in (8, 64):
+        plans = P.tensor_plans(mcfg, {"data": 1, "fsdp": n, "tensor": 1})
+        split = [p for p in plans if p.shard_size < p.size]
+        # a tensor whose fsdp dimension divides holds exactly 1/n of itself
+        assert all(p.shard_size * n == p.size for p in split)
+        total = sum(p.shard_bytes for p in plans)
+        whole = sum(p.size * p.itemsize for p in plans)
+        # only small tensors (norm scales, non-divisible biases) stay whole
+        assert whole / n <= total < whole / n * 1.01
+
+
+def test_shard_bytes_match_an_independent_count():
+    """Per-device bytes on a 2 x 2 x 2 mesh equal JAX's own shard shapes of every parameter
+    of the abstract model under the rules."""
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    amesh = AbstractMesh((2, 2, 2), shd.MESH_AXES)
+    model = abstract_model(preset("tiny"), jnp.bfloat16)
+    expect = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        spec = shd.logical_to_spec(var.get_metadata().get("axes"), shd.DEFAULT_RULES, amesh,
+                                   value.shape)
+        local = NamedSharding(amesh, spec).shard_shape(value.shape)
+        expect += math.prod(local) * jnp.dtype(value.dtype).itemsize
+    plans = P.tensor_plans(preset("tiny"), mesh, dtype="bfloat16")
+    assert sum(p.shard_bytes for p in plans) == expect
+    # something really is split over each axis that has a rule
+    assert any(p.spec and "tensor" in jax.tree.leaves(tuple(p.spec)) for p in plans)
+    assert any(p.spec and "fsdp" in jax.tree.leaves(tuple(p.spec)) for p in plans)
+
+
+def test_fits_flips_as_the_chip_shrinks(cfg3b):
+    mesh = {"fsdp": 64}
+    big = P.plan(cfg3b, mesh, "v5p", search=False)
+    small = P.plan(cfg3b, mesh, "v5e", search=False)
+    assert big["per_device_bytes"] == small["per_device_bytes"]
+    assert big["fits"] and not small["fits"]
+    assert big["per_device_bytes"] <= big["hbm_bytes"]
+    assert small["per_device_bytes"] > small["hbm_bytes"]
+
+
+def test_smallest_mesh_fits_and_half_of_it_does_not(cfg7b):
+    p = P.plan(cfg7b, {"fsdp": 8}, "v4")
+    assert not p["fits"]
+    best = p["smallest_mesh"]
+    assert best is not None
+    mesh = best["mesh"]
+    assert P.plan(cfg7b, mesh, "v4", search=False)["fits"]
+    half = dict(mesh)
+    if half["tensor"] > 1:
+        half["tensor"] //= 2
+    else:
+        half["fsdp"] //= 2
+    assert not P.plan(cfg7b, half, "v4", search=False)["fits"]
+    # and no smaller candidate fits either
+    for cand in P.candidate_meshes({"data": 1}):
+        if math.prod(cand.values()) < best["devices"]:
+            assert not P.plan(cfg7b, cand, "v4", search=False)["fits"], cand
+
+
+def test_phases_hold_what_train_holds(cfg7b):
+    p = P.plan(cfg7b, {"fsdp": 64}, "v5p", search=False)
+    b = p["bytes"]
+    # the vision tower is frozen: gradients cover the trainable (text) part only, the
+    # reference model is a copy of it (beta > 0), adamw keeps both moments in fp32 = 8 bytes
+    assert p["trainable_param_count"] == p["param_count"] - p["vision_param_count"]
+    assert b["gradients"] == b["reference model"] < b["parameters"]
+    assert b["optimizer state"] == b["gradients"] // 2 * 8
+    assert set(p["phases"]) == {"sft step", "grpo rollout", "grpo update", "optimizer apply"}
+    # rollout KV cache: 256 rows / 64 devices x (8192 + 256) x 28 layers x K,V x 4 x 128 x bf16
+    assert b["rollout KV cache"] == 4 * (8192 + 256) * 28 * 2 * 4 * 128 * 2
+    no_ref = cfg7b.copy_and_resolve_references()
+    no_ref.rl.beta = 0.0
+    assert P.plan(no_ref, {"fsdp": 64}, "v5p", search=False)["bytes"]["reference model"] == 0
+
+
+def test_json_last_line(capsys):
+    P.main(["--config", "configs/tempo_r0.py:tiny", "--mesh", "fsdp=2", "--chip", "v5e",
+            "--method", "analytic", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    data = json.loads(out[-1])
+    for key in ("param_count", "per_device_bytes", "fits", "method"):
+        assert key in data
+    assert data["method"] == "analytic" and data["fits"] is True
+    assert "per device, GiB" in "\n".join(out[:-1])
+
+
+def test_config_overrides_reach_the_plan(capsys):
+    p = P.main(["--config", "configs/tempo_r0.py:7b", "--mesh", "fsdp=64", "--chip", "v5p",
+                "--method", "analytic", "--config.rl.beta=0",
+                "--config.model.attention_backend=splash"])
+    assert p["bytes"]["reference model"] == 0 and p["attention_backend"] == "splash"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fsdp", "expected AXIS=SIZE"),
+    ("fsdp=x", "positive integer"),
+    ("fsdp=0", "positive integer"),
+    ("pipeline=4", "expected AXIS=SIZE"),
+    ("fsdp=2,fsdp=4", "given twice"),
+    ("", "empty --mesh"),
+])
+def test_bad_mesh_is_a_clear_error(text, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        P.parse_mesh(text)
+    with pytest.raises(SystemExit):
+        P.main(["--mesh", text, "--chip", "v5p", "--method", "analytic"])
+    assert message in capsys.readouterr().err
+
+
+def test_parse_mesh_defaults():
+    assert P.parse_mesh("fsdp=64") == {"data": 1, "fsdp": 64, "tensor": 1}
+    assert P.parse_mesh("data=2, fsdp=32,tensor=1") == {"data": 2, "fsdp": 32, "tensor": 1}
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        P.plan(P.load_config("configs/tempo_r0.py:tiny"), {"pipeline": 2}, "v5p")
+
+
+def test_aot_unavailable_falls_back_and_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(P, "libtpu_available", lambda: (False, "libtpu is not installed"))
+    P.main(["--config", "configs/tempo_r0.py:tiny", "--mesh", "fsdp=4", "--chip", "v5p",
+            "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["method"] == "analytic"
+    assert any("AOT unavailable, analytic count used: libtpu is not installed" in line
+               for line in out)
+    P.main(["--config", "configs/tempo_r0.py:tiny", "--mesh", "fsdp=4", "--chip", "h100"])
+    assert "AOT compilation needs a TPU target" in capsys.readouterr().out
+
+
+def test_topology_names():
+    v5p, v4, v5e = P.CHIPS["v5p"], P.CHIPS["v4"], P.CHIPS["v5e"]
+    assert P.topology_name(v5p, 8)[0] == "v5:2x2x2"
+    assert P.topology_name(v5p, 16)[0] == "v5:2x2x4"
+    assert P.topology_name(v5p, 64) == ("v5:4x4x4", (2, 2, 1), (True, True, True))
+    assert P.topology_name(v5p, 256)[0] == "v5:4x8x8"
+    assert P.topology_name(v4, 32)[0] == "v4:2x4x4"
+    assert P.topology_name(v5e, 16)[0] == "v5e:4x4"
+    assert P.topology_name(v5e, 128)[0] == "v5e:8x16"
+    with pytest.raises(ValueError, match="power-of-two"):
+        P.topology_name(v5p, 24)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not P.libtpu_available()[0], reason="libtpu not installed")
+def test_aot_compiles_for_a_tpu_topology():
+    """The real steps of tempo_jax.train, compiled for a 4-chip v5p slice on this CPU."""
+    cfg = P.load_config("configs/tempo_r0.py:tiny")
+    p = P.run(cfg, {"fsdp": 4}, "v5p", method="aot")
+    assert p["method"] == "aot:v5:2x2x1"
+    assert p["per_device_bytes"] > 0 and p["fits"]
