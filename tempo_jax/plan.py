@@ -46,6 +46,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from tempo_jax import sharding as shd
+from tempo_jax.models.attention import resolve_backend
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, preset
 
 try:  # the logical names the model constrains its residual stream to
@@ -583,7 +584,7 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
     c = jnp.dtype(dtype).itemsize
     freeze = bool(config.model.freeze_vision)
     remat = config.model.remat
-    backend = config.model.attention_backend
+    backend = resolve_backend(config.model.attention_backend, chip_spec.platform)
     plans = tensor_plans(mcfg, mesh, dtype=dtype, freeze_vision=freeze, rules=rules)
     w = workload(config, mcfg)
     loc = Local(mesh, rules, mcfg, c)
@@ -872,7 +873,8 @@ def _aot_worker() -> None:
     phases_wanted = job.get("phases") or ["sft step", "grpo rollout", "grpo update",
                                           "optimizer apply"]
     dtype = jnp.dtype(config.model.dtype)
-    opts = RuntimeOptions(dtype=dtype, attention_backend=config.model.attention_backend,
+    opts = RuntimeOptions(dtype=dtype,
+                          attention_backend=resolve_backend(config.model.attention_backend, "tpu"),
                           remat=config.model.remat)
     model = abstract_model(mcfg, dtype, opts)
 

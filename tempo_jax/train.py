@@ -44,6 +44,7 @@ from tempo_jax.data.sources import VideoIndex, load_charades_sta, load_jsonl, lo
 from tempo_jax.data.sources import make_pir as make_pir_pairs
 from tempo_jax.generate import generate_from_inputs
 from tempo_jax.metrics import grounding_metrics
+from tempo_jax.models.attention import resolve_backend
 from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, load_pretrained, preset
 from tempo_jax.models.qwen2_5_vl.params import save_pretrained
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
@@ -78,7 +79,8 @@ def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_
     """The model; a checkpoint is read straight onto `mesh` (each tensor placed on its
     sharding as it is read, never the whole model on one device)."""
     dtype = jnp.dtype(config.model.dtype)
-    opts = RuntimeOptions(dtype=dtype, attention_backend=config.model.attention_backend,
+    opts = RuntimeOptions(dtype=dtype,
+                          attention_backend=resolve_backend(config.model.attention_backend),
                           remat=config.model.remat)
     if config.model.init_checkpoint:
         return load_pretrained(config.model.init_checkpoint, dtype=dtype, options=opts,

@@ -84,3 +84,15 @@ def test_splash_interpret_matches_xla(causal):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         check_backend("flash")
+
+
+def test_auto_backend_resolves_per_platform():
+    from tempo_jax.models.attention import resolve_backend
+
+    assert resolve_backend("auto", "tpu") == "splash"
+    assert resolve_backend("auto", "gpu") == "cudnn"
+    assert resolve_backend("auto", "cpu") == "xla"
+    assert resolve_backend("auto") == "xla"  # this test machine is a CPU
+    assert resolve_backend("cudnn", "tpu") == "cudnn"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash")

@@ -26,7 +26,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.preset = arg  # tempo_jax.models.qwen2_5_vl.config presets (tiny/3b/7b)
     c.model.init_checkpoint = ""  # HF Qwen2.5-VL dir to start from; "" = random init (tiny)
     c.model.dtype = "float32" if tiny else "bfloat16"  # parameter and compute dtype
-    c.model.attention_backend = "xla"  # xla | cudnn (GPU) | splash (TPU)
+    # xla | cudnn (GPU) | splash (TPU) | auto (splash on TPU, cudnn on GPU, xla on CPU)
+    c.model.attention_backend = "xla" if tiny else "auto"
     c.model.remat = "none" if tiny else "full"  # none | full | dots
     c.model.freeze_vision = not tiny  # the open TVG recipes freeze the vision tower
     c.model.tiny_overrides = ml_collections.ConfigDict()  # tiny only: wider/deeper demo model

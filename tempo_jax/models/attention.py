@@ -16,6 +16,16 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("xla", "cudnn", "splash")
+AUTO = {"tpu": "splash", "gpu": "cudnn"}  # "auto": the fused kernel of the platform, else xla
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+    """`"auto"` -> splash on TPU, cudnn on GPU, xla elsewhere (`platform` defaults to
+    `jax.default_backend()`; the planner passes the target chip's); other names unchanged.
+    At 8k-token sequences only the fused kernels fit: xla keeps [L, L] scores per head."""
+    if name == "auto":
+        return AUTO.get(platform or jax.default_backend(), "xla")
+    return check_backend(name)
 
 _LANES = 128
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
