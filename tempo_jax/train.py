@@ -109,6 +109,9 @@ class Data:
     video_root: str
     train_examples: list[dict] | None = None  # processed, when cached
     val_examples: list[dict] | None = None
+    # PIR drawn afresh every step (cached mode): `train` then holds the relevant records only
+    pir_ratio: float = 0.0
+    pir_compatible: Any = None
 
 
 def _load_records(config, path):
@@ -150,6 +153,9 @@ def prepare_data(config, workdir: Path) -> Data:
             config, config.data.val)
         video_root = config.data.video_root
         compatible = None
+    if config.data.cache_examples and config.data.get("pir_resample", False):
+        return Data(train=list(train), val=list(val), video_root=video_root,
+                    pir_ratio=config.data.irrelevant_ratio, pir_compatible=compatible)
     train = make_pir_pairs(train, config.data.irrelevant_ratio, seed=config.seed,
                            compatible=compatible)
     return Data(train=list(train), val=list(val), video_root=video_root)
@@ -429,14 +435,50 @@ class Trainer:
         return self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"]
 
-    def _pick(self, examples, rng, batch_size) -> list[dict]:
+    def _pick(self, examples, rng, batch_size, data: Data | None = None,
+              pcfg: PipelineConfig | None = None) -> list[dict]:
         """The examples of one step: a function of (seed, stage, step) only, so a resumed run
-        sees exactly the batches an uninterrupted one would."""
+        sees exactly the batches an uninterrupted one would. With `data.pir_ratio` (PIR drawn
+        afresh), each slot becomes an irrelevant pair with that probability."""
         idx = rng.choice(len(examples), size=batch_size, replace=len(examples) < batch_size)
-        return [examples[i] for i in idx]
+        picked = [examples[i] for i in idx]
+        if data is not None and data.pir_ratio > 0:
+            for j in np.flatnonzero(rng.random(batch_size) < data.pir_ratio):
+                picked[j] = self._irrelevant(picked[j], examples, rng, data, pcfg)
+        return picked
 
-    def _batch(self, examples, rng, batch_size, pcfg):
-        return collate(self._pick(examples, rng, batch_size), pcfg, self.model.config.vision)
+    def _irrelevant(self, ex: dict, examples: list[dict], rng, data: Data,
+                    pcfg: PipelineConfig) -> dict:
+        """`ex`'s processed video with the query of another video's example (a PIR pair),
+        rebuilt the way `load_example` builds a prompt: only the text changes, so the pair
+        costs a tokenization, not a decode, and a new pairing can be drawn every step (fixed
+        pairs are learnt by heart on a small dataset instead of by looking at the video)."""
+        own = {"query": ex["query"], **self._record(data, ex["qid"])}
+        for _ in range(1000):
+            donor = examples[int(rng.integers(len(examples)))]
+            if donor["video"] != ex["video"] and (
+                    data.pir_compatible is None or data.pir_compatible(own, donor)):
+                break
+        else:
+            raise ValueError(f"no compatible PIR donor for {ex['qid']!r}")
+        vision = self.model.config.vision
+        answer = (prompts_lib.format_answer(None, pcfg.prompt) if pcfg.with_answer else None)
+        built = prompts_lib.build_prompt(
+            self.tokenizer, donor["query"], ex["frame_times"][0::vision.temporal_patch_size],
+            ex["video_grid_thw"], pcfg.prompt, answer=answer,
+            spatial_merge_size=vision.spatial_merge_size,
+            tokens_per_second=vision.tokens_per_second)
+        return {**ex, **built, "query": donor["query"], "windows": [], "relevant": False,
+                "qid": f"{ex['qid']}|pir:{donor['qid']}"}
+
+    def _record(self, data: Data, qid: str) -> dict:
+        if getattr(self, "_records_by_qid", None) is None:
+            self._records_by_qid = {str(r["qid"]): r for r in data.train}
+        return self._records_by_qid.get(str(qid), {})
+
+    def _batch(self, examples, rng, batch_size, pcfg, data: Data | None = None):
+        return collate(self._pick(examples, rng, batch_size, data, pcfg), pcfg,
+                       self.model.config.vision)
 
     def _examples(self, data: Data, which: str, pcfg) -> list[dict]:
         attr = f"{which}_examples"
@@ -482,7 +524,7 @@ class Trainer:
                 micro = [next(loader) for _ in range(accum)]
             else:
                 picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
-                                    c.sft.batch_size)
+                                    c.sft.batch_size, data, pcfg)
                 micro = [collate(chunk, pcfg, self.model.config.vision)
                          for chunk in _chunks(picked, accum)]
             grads_sum, metrics, tokens = None, None, 0
@@ -586,7 +628,7 @@ class Trainer:
                 batch = next(loader)
             else:
                 batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
-                                    rc.batch_size, pcfg)
+                                    rc.batch_size, pcfg, data)
             inputs = model_inputs(batch)
             model = _merge(self.graphdef, self.params, self.frozen)
             key = jax.random.fold_in(rng, step)

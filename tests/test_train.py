@@ -202,3 +202,38 @@ def test_fp32_optimizer_state_for_bf16_parameters():
     low = [x for x in jax.tree.leaves(train_lib.make_optimizer(1e-2, 1, 10, plain).init(params))
            if getattr(x, "ndim", 0) == 1]
     assert all(m.dtype == jnp.bfloat16 for m in low)
+
+
+def test_pir_resampled_pairs_equal_loaded_ones(demo_run, tmp_path):
+    """A PIR pair drawn at step time (the video's processed frames with another video's
+    query) is exactly what the loader makes of that (video, query) record; the pairing
+    changes from step to step and never borrows the video's own colour."""
+    from tempo_jax.data.pipeline import load_example
+    from tempo_jax.data.prompts import load_tokenizer
+    from tempo_jax.data.sources import VideoIndex
+    from tempo_jax.data.synthetic import query_colour
+
+    wd = tmp_path / "pir"
+    shutil.copytree(demo_run[0] / "data", wd / "data")
+    config = small_config(**{"data.pir_resample": True, "data.irrelevant_ratio": 0.5})
+    trainer = train_lib.Trainer(config, wd)
+    data = train_lib.prepare_data(config, wd)
+    assert all(r["relevant"] for r in data.train) and data.pir_ratio == 0.5
+    pcfg = train_lib.pipeline_config(config, batch_size=4)
+    examples = trainer._examples(data, "train", pcfg)
+    by_qid = {r["qid"]: r for r in data.train}
+    seen = set()
+    for step in range(6):
+        for ex in trainer._pick(examples, np.random.default_rng([0, 1, step]), 8, data, pcfg):
+            if ex["relevant"]:
+                continue
+            own_qid, donor_qid = ex["qid"].split("|pir:")
+            own = by_qid[own_qid]
+            seen.add(ex["qid"])
+            assert query_colour(ex["query"]) not in own["colours"]
+            rec = {**own, "query": by_qid[donor_qid]["query"], "windows": [], "relevant": False}
+            ref = load_example(rec, VideoIndex(data.video_root), load_tokenizer(None), pcfg,
+                               trainer.model.config.vision)
+            for key in ("input_ids", "position_ids", "loss_mask", "pixel_values"):
+                np.testing.assert_array_equal(ex[key], ref[key])
+    assert len(seen) >= 4  # new pairings across steps, not one fixed set

@@ -55,6 +55,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.synthetic_max_events = 1
     c.data.synthetic_distractor_prob = 0.0  # an extra object that is never asked about
     c.data.irrelevant_ratio = 0.2  # PIR: share of queries paired with another video
+    # cached mode: draw the PIR pairings afresh every step instead of once (a small dataset's
+    # fixed pairs are learnt by heart rather than by checking the video)
+    c.data.pir_resample = tiny
     c.data.num_workers = 0 if tiny else 8  # Grain worker processes
     c.data.cache_examples = tiny  # keep processed examples in memory (small datasets)
     c.data.max_seq_len = 0 if tiny else 8192  # pad text to this; 0: bucket per batch
