@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from tempo_jax.metrics import (
 )
 
 __all__ = [
-    "Loaded", "add_metrics_parser", "add_run_parser", "apply_overrides", "build_parser",
+    "Loaded", "add_metrics_parser", "add_run_parser", "answer_rows", "apply_overrides",
+    "build_parser",
     "cmd_metrics", "cmd_run", "evaluate_model", "format_metrics_table", "load_checkpoint",
     "load_records", "main", "submission_row",
 ]
@@ -262,10 +263,8 @@ def evaluate_model(
     """
     from tqdm import tqdm
 
-    from tempo_jax.data.pipeline import config_from_settings, jsonable, make_loader, model_inputs
+    from tempo_jax.data.pipeline import config_from_settings, make_loader
     from tempo_jax.data.prompts import load_tokenizer
-    from tempo_jax.generate import generate_from_inputs
-    from tempo_jax.rl.rewards import parse_answer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +279,6 @@ def evaluate_model(
         tmp.replace(answers_path)
     todo = [r for r in records if str(r["qid"]) not in done]
     tok = load_tokenizer(None)
-    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     if todo:
         pcfg = config_from_settings(
             settings, batch_size=batch_size, with_answer=False, pad_side="left", shuffle=False,
@@ -289,18 +287,12 @@ def evaluate_model(
         bar = tqdm(total=len(todo), desc="evaluating", unit="query", file=sys.stdout,
                    mininterval=2)
         with open(answers_path, "a") as f:
-            for batch in loader:
-                res = generate_from_inputs(loaded.model, model_inputs(batch),
-                                           max_new_tokens=max_new_tokens, temperature=0,
-                                           eos_token_id=eos, pad_token_id=eos[1])
-                for m, t, n in zip(batch["meta"], res.tokens, res.lengths, strict=True):
-                    text = tok.decode(t[:n], skip_special_tokens=True)
-                    row = {**{k: jsonable(v) for k, v in m.items()}, "answer": text,
-                           "parsed": jsonable(parse_answer(text))}
+            for batch_rows in answer_rows(loaded.model, loader, tok, max_new_tokens):
+                for row in batch_rows:
                     f.write(json.dumps(row) + "\n")
-                    done[str(m["qid"])] = row
+                    done[str(row["qid"])] = row
                 f.flush()
-                bar.update(len(batch["meta"]))
+                bar.update(len(batch_rows))
             failed = dict(loader.skip_counter.failed)
             for r in todo:  # broken or missing videos: answered as a refusal, never dropped
                 if str(r["qid"]) not in done:
@@ -314,6 +306,28 @@ def evaluate_model(
         bar.close()
     rows = [done[str(r["qid"])] for r in records]
     return _finish(rows, records, out, dataset, timeline, ground_truth)
+
+
+def answer_rows(model: Any, batches: Iterable[dict], tokenizer: Any,
+                max_new_tokens: int) -> Iterator[list[dict]]:
+    """Greedy answers of pipeline batches (prompts, left-padded), one list of JSON rows per
+    batch: the batch's metadata, the decoded `answer` and its `parsed` form. The evaluation
+    during training and `evaluate run` both answer through here, so they agree."""
+    from tempo_jax.data.pipeline import jsonable, model_inputs
+    from tempo_jax.data.prompts import ENDOFTEXT_ID, EOS_IDS
+    from tempo_jax.generate import generate_from_inputs
+    from tempo_jax.rl.rewards import parse_answer
+
+    for batch in batches:
+        out = generate_from_inputs(model, model_inputs(batch), max_new_tokens=max_new_tokens,
+                                   temperature=0, eos_token_id=list(EOS_IDS),
+                                   pad_token_id=ENDOFTEXT_ID)
+        rows = []
+        for m, t, n in zip(batch["meta"], out.tokens, out.lengths, strict=True):
+            text = tokenizer.decode(t[:n], skip_special_tokens=True)
+            rows.append({**{k: jsonable(v) for k, v in m.items()}, "answer": text,
+                         "parsed": jsonable(parse_answer(text))})
+        yield rows
 
 
 def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,

@@ -21,7 +21,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import ml_collections
 from etils import epath
 from flax import nnx
@@ -94,8 +93,6 @@ def load_workdir(workdir: str | Path, step: int | None = None
     stages ran), as listed under `workdir/ckpt`. Only `state.params` is read (a partial
     restore: no optimizer state in memory); the frozen parameters come from the config.
     """
-    import orbax.checkpoint as ocp
-
     workdir = Path(workdir).absolute()  # Orbax wants absolute paths
     config = load_config(workdir)
     mngr = _manager(workdir)
@@ -108,19 +105,15 @@ def load_workdir(workdir: str | Path, step: int | None = None
         elif step not in steps:
             raise ValueError(f"{workdir}: no checkpoint at step {step}; available steps: "
                              f"{', '.join(map(str, steps))}")
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = train_lib.checkpoint_meta(mngr, step)
         log.info("checkpoint %d of %s (%s step %s)", step, workdir, meta.get("stage"),
                  meta.get("step"))
         model = train_lib.build_model(config)
         graphdef, params, frozen = nnx.split(model, train_lib.trainable_filter(config), ...)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))
-        item = {"params": abstract}
-        got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
+        restored = train_lib.restore_params(mngr, step, params)
     finally:
         mngr.close()
-    nnx.replace_by_pure_dict(params, got["state"]["params"])
+    nnx.replace_by_pure_dict(params, restored)
     return config, nnx.merge(graphdef, params, frozen)
 
 

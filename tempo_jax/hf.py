@@ -41,7 +41,6 @@ __all__ = [
 SETTINGS_FILE = "tempo_settings.json"
 # the vision geometry the pipeline needs (frames per temporal patch, merge, rotary time scale)
 _VISION_KEYS = ("patch_size", "temporal_patch_size", "spatial_merge_size", "tokens_per_second")
-DEFAULT_EOS = (prompts_lib.IM_END_ID, prompts_lib.ENDOFTEXT_ID)  # what our evaluator stops on
 
 
 def load_settings(hf_dir: str | Path) -> dict[str, Any]:
@@ -158,7 +157,8 @@ def greedy_ids(
     ids = torch.as_tensor(inputs["input_ids"]).long()
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError(f"greedy_ids takes one prompt: input_ids [1, L], got {tuple(ids.shape)}")
-    eos = set(DEFAULT_EOS if eos_token_id is None else np.atleast_1d(eos_token_id).tolist())
+    eos = set(prompts_lib.EOS_IDS if eos_token_id is None
+              else np.atleast_1d(eos_token_id).tolist())
     dev = model.device
     ids = ids.to(dev)
     mask = torch.as_tensor(inputs.get("attention_mask", torch.ones_like(ids))).long().to(dev)

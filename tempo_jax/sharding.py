@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tempo_jax.data import prompts as prompts_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated).
@@ -270,7 +272,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # ---------------------------------------------------------------------------- batches
 BATCH_AXES = {"input_ids": ("batch", "seq"), "attention_mask": ("batch", "seq"),
               "position_ids": (None, "batch", "seq")}
-PAD_ID = 151643  # <|endoftext|>, the pipeline's text padding
 
 
 def _owned(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> dict[int, np.ndarray]:
@@ -347,7 +348,7 @@ def _multihost_batch(batch, mesh, rules, cfg, pad_side):
         widths[axis] = (extra, 0) if pad_side == "left" else (0, extra)
         return np.pad(a, widths, constant_values=fill) if extra else a
 
-    local = {"input_ids": repad(ids, 1, PAD_ID),
+    local = {"input_ids": repad(ids, 1, prompts_lib.ENDOFTEXT_ID),
              "attention_mask": repad(np.asarray(batch["attention_mask"]), 1, 0),
              "position_ids": repad(np.asarray(batch["position_ids"]), 2, 1)}
     out = {}

@@ -35,7 +35,6 @@ from tempo_jax.data.pipeline import (
     PipelineConfig,
     collate,
     config_from_settings,
-    jsonable,
     load_example,
     make_loader,
     model_inputs,
@@ -281,6 +280,26 @@ def fp32_state(inner: optax.GradientTransformation) -> optax.GradientTransformat
     return optax.GradientTransformation(init, update)
 
 
+# ============================================================================ checkpoints
+def checkpoint_meta(manager, step: int) -> dict:
+    """The JSON metadata (stage, step, settings, data position) of checkpoint `step`."""
+    import orbax.checkpoint as ocp
+
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_params(manager, step: int, params: nnx.State) -> dict:
+    """The trainable parameters of checkpoint `step`, shaped like `params`, as a pure dict
+    (a partial restore: the optimizer state is not read)."""
+    import orbax.checkpoint as ocp
+
+    item = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))}
+    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return got["state"]["params"]
+
+
 # ============================================================================ trainer
 class Trainer:
     """Holds the model split into (graphdef, trainable params, frozen params), the optimizer,
@@ -319,6 +338,7 @@ class Trainer:
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 log.warning("tensorboardX missing: no TensorBoard event files")
         self.stop_requested = False
+        self._records_by_qid: dict | None = None  # PIR resampling's record lookup, built once
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
@@ -403,14 +423,7 @@ class Trainer:
                 after_stage(stage)
 
     def _restore_params(self, step):
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.params.to_pure_dict())
-        item = {"params": abstract}
-        got = self.ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
-        return got["state"]["params"]
+        return restore_params(self.ckpt, step, self.params)
 
     # ---- data: cached examples (small datasets) or the streaming Grain loader
     def _stream(self, records: list[dict], video_root: str, pcfg: PipelineConfig,
@@ -430,10 +443,7 @@ class Trainer:
         return loader
 
     def _meta(self, step: int) -> dict:
-        import orbax.checkpoint as ocp
-
-        return self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"]
+        return checkpoint_meta(self.ckpt, step)
 
     def _pick(self, examples, rng, batch_size, data: Data | None = None,
               pcfg: PipelineConfig | None = None) -> list[dict]:
@@ -472,7 +482,7 @@ class Trainer:
                 "qid": f"{ex['qid']}|pir:{donor['qid']}"}
 
     def _record(self, data: Data, qid: str) -> dict:
-        if getattr(self, "_records_by_qid", None) is None:
+        if self._records_by_qid is None:
             self._records_by_qid = {str(r["qid"]): r for r in data.train}
         return self._records_by_qid.get(str(qid), {})
 
@@ -616,8 +626,7 @@ class Trainer:
             updates, new_opt = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_opt
 
-        eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
-               self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        eos = list(prompts_lib.EOS_IDS)
         skipped = 0
         history = []
         t_last = time.perf_counter()
@@ -635,7 +644,7 @@ class Trainer:
             out = generate_from_inputs(
                 model, inputs, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
                 top_p=rc.top_p, num_samples=G, eos_token_id=eos, rng=key,
-                pad_token_id=eos[1], bucket_shapes=False,
+                pad_token_id=prompts_lib.ENDOFTEXT_ID, bucket_shapes=False,
             )
             texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
                      for t, n in zip(out.tokens, out.lengths, strict=True)]
@@ -725,18 +734,11 @@ class Trainer:
         else:
             batches = self._stream(data.val[:n], data.video_root, dataclasses.replace(
                 pcfg, shuffle=False, num_epochs=1))
+        from tempo_jax.evaluate import answer_rows
+
         model = _merge(self.graphdef, self.params, self.frozen)
-        eos = [self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
-               self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-        rows = []
-        for batch in batches:
-            out = generate_from_inputs(model, model_inputs(batch),
-                                       max_new_tokens=c.eval_max_new_tokens, temperature=0,
-                                       eos_token_id=eos, pad_token_id=eos[1])
-            for m, t, n_tok in zip(batch["meta"], out.tokens, out.lengths, strict=True):
-                text = self.tokenizer.decode(t[:n_tok], skip_special_tokens=True)
-                rows.append({**{k: jsonable(v) for k, v in m.items()}, "answer": text,
-                             "parsed": jsonable(rewards_lib.parse_answer(text))})
+        rows = [row for batch_rows in answer_rows(model, batches, self.tokenizer,
+                                                  c.eval_max_new_tokens) for row in batch_rows]
         metrics = grounding_metrics([r["answer"] for r in rows], [r["windows"] for r in rows],
                                     [r["relevant"] for r in rows],
                                     [r["duration"] for r in rows])

@@ -28,7 +28,7 @@ import numpy as np
 from tempo_jax.models.qwen2_5_vl.positions import rope_index
 
 __all__ = [
-    "SPECIAL_TOKENS", "IM_START_ID", "IM_END_ID", "ENDOFTEXT_ID", "VISION_START_ID",
+    "SPECIAL_TOKENS", "IM_START_ID", "IM_END_ID", "ENDOFTEXT_ID", "EOS_IDS", "VISION_START_ID",
     "VISION_END_ID", "IMAGE_PAD_ID", "VIDEO_PAD_ID", "PRETOKENIZE_REGEX", "PromptConfig",
     "load_tokenizer", "format_answer", "question_text", "build_prompt", "build_batch",
 ]
@@ -50,6 +50,7 @@ _FIRST_SPECIAL_ID = 151643
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
 IM_END_ID = 151645
+EOS_IDS = (IM_END_ID, ENDOFTEXT_ID)  # generation stops at the end of the turn or text
 VISION_START_ID = 151652
 VISION_END_ID = 151653
 IMAGE_PAD_ID = 151655
