@@ -47,7 +47,7 @@ from jax.sharding import AbstractMesh
 
 from tempo_jax import sharding as shd
 from tempo_jax.models.attention import resolve_backend
-from tempo_jax.models.qwen2_5_vl.config import ModelConfig, preset
+from tempo_jax.models.qwen2_5_vl.config import ModelConfig
 
 try:  # the logical names the model constrains its residual stream to
     from tempo_jax.models.qwen2_5_vl.model import RESIDUAL
@@ -182,25 +182,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def config_rules(config: ml_collections.ConfigDict) -> shd.Rules:
     """The logical-axis rules the trainer uses for this config (`config.mesh.rules` and
-    `rule_overrides` where the sharding module reads them; the default table otherwise)."""
-    if hasattr(shd, "rules_from_config") and "mesh" in config:
-        return shd.rules_from_config(config.mesh)
-    return shd.DEFAULT_RULES
+    `rule_overrides`)."""
+    return shd.rules_from_config(config.mesh)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The architecture `tempo_jax.train.build_model` builds for this config (read from the
-    checkpoint's config.json when one is named), without building it."""
-    if config.model.get("init_checkpoint"):
-        return ModelConfig.from_pretrained(config.model.init_checkpoint)
-    cfg = preset(config.model.preset)
-    if config.model.preset == "tiny" and config.model.get("tiny_overrides"):
-        text = dataclasses.replace(cfg.text, **config.model.tiny_overrides)
-        hd = text.head_dim
-        text = dataclasses.replace(text, mrope_section=(hd // 8, 3 * hd // 16, 3 * hd // 16))
-        vision = dataclasses.replace(cfg.vision, out_hidden_size=text.hidden_size)
-        cfg = cfg.replace(text=text, vision=vision)
-    return cfg
+    """The architecture `tempo_jax.train.build_model` builds for this config."""
+    from tempo_jax.train import model_config as train_model_config
+
+    return train_model_config(config)
 
 
 # ============================================================================ parameters

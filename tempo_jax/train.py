@@ -45,6 +45,7 @@ from tempo_jax.generate import generate_from_inputs
 from tempo_jax.metrics import grounding_metrics
 from tempo_jax.models.attention import resolve_backend
 from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, load_pretrained, preset
+from tempo_jax.models.qwen2_5_vl.config import ModelConfig
 from tempo_jax.models.qwen2_5_vl.params import save_pretrained
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 from tempo_jax.rl import rewards as rewards_lib
@@ -84,6 +85,15 @@ def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_
     if config.model.init_checkpoint:
         return load_pretrained(config.model.init_checkpoint, dtype=dtype, options=opts,
                                mesh=mesh, rules=rules)
+    return Qwen25VL(model_config(config), param_dtype=dtype, options=opts,
+                    rngs=nnx.Rngs(config.seed))
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture `build_model` builds (the checkpoint's `config.json` when one is
+    named), without building it: the planner sizes the same model."""
+    if config.model.init_checkpoint:
+        return ModelConfig.from_pretrained(config.model.init_checkpoint)
     cfg = preset(config.model.preset)
     if config.model.preset == "tiny" and config.model.get("tiny_overrides"):
         text = dataclasses.replace(cfg.text, **config.model.tiny_overrides)
@@ -91,7 +101,7 @@ def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_
         text = dataclasses.replace(text, mrope_section=(hd // 8, 3 * hd // 16, 3 * hd // 16))
         vision = dataclasses.replace(cfg.vision, out_hidden_size=text.hidden_size)
         cfg = cfg.replace(text=text, vision=vision)
-    return Qwen25VL(cfg, param_dtype=dtype, options=opts, rngs=nnx.Rngs(config.seed))
+    return cfg
 
 
 def trainable_filter(config):
