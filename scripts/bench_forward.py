@@ -21,7 +21,7 @@ import tempfile
 import time
 
 
-def _median_time(fn, reps: int) -> float:
+def median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours_logits = fwd(state, dev_inputs, last).block_until_ready()
     compile_s = time.perf_counter() - t0
-    jax_s = _median_time(lambda: fwd(state, dev_inputs, last).block_until_ready(), args.reps)
+    jax_s = median_time(lambda: fwd(state, dev_inputs, last).block_until_ready(), args.reps)
 
     tkw = dict(
         input_ids=torch.as_tensor(ids), attention_mask=torch.ones(1, seq, dtype=torch.long),
@@ -113,7 +113,7 @@ def main() -> None:
     )
     with torch.no_grad():
         ref_logits = ref(**tkw).logits  # warm-up
-        torch_s = _median_time(lambda: ref(**tkw), args.reps)
+        torch_s = median_time(lambda: ref(**tkw), args.reps)
     err = float(np.abs(np.asarray(ours_logits)[0, -1] - ref_logits[0, -1].numpy()).max())
 
     # plain matmul peak of each framework on this machine
@@ -121,10 +121,10 @@ def main() -> None:
     a = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    jax_mm = 2 * n**3 / _median_time(lambda: mm(a).block_until_ready(), 10) / 1e9
+    jax_mm = 2 * n**3 / median_time(lambda: mm(a).block_until_ready(), 10) / 1e9
     ta = torch.randn(n, n)
     torch.mm(ta, ta)
-    torch_mm = 2 * n**3 / _median_time(lambda: torch.mm(ta, ta), 10) / 1e9
+    torch_mm = 2 * n**3 / median_time(lambda: torch.mm(ta, ta), 10) / 1e9
 
     win_lens = np.diff(window_index(grid, cfg.vision)[1])
     frame_lens = np.diff(frame_cu_seqlens(grid))

@@ -16,18 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
-
-def _median(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from bench_forward import median_time  # scripts/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -86,7 +78,7 @@ def main() -> None:
     t0 = time.perf_counter()
     jax.block_until_ready(step(params, dev_inputs))
     compile_s = time.perf_counter() - t0
-    jax_s = _median(lambda: jax.block_until_ready(step(params, dev_inputs)), args.reps)
+    jax_s = median_time(lambda: jax.block_until_ready(step(params, dev_inputs)), args.reps)
     jax_loss = float(step(params, dev_inputs)[0])
 
     t_ids = torch.as_tensor(ids)
@@ -108,7 +100,7 @@ def main() -> None:
         return float(loss)
 
     torch_loss = torch_step()
-    torch_s = _median(torch_step, args.reps)
+    torch_s = median_time(torch_step, args.reps)
     tokens = n * seq
     res = {
         "rows": n, "tokens_per_step": tokens,
