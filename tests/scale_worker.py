@@ -72,7 +72,6 @@ def sft_batches(examples, c, vision, rows=None):
 def run_sft(c, mesh, rules, batches):
     """The trainer's SFT update (train.sft_loss, train.make_optimizer) on global batches."""
     import jax
-    import optax
 
     from tempo_jax import sharding as shd
     from tempo_jax import train
@@ -83,10 +82,7 @@ def run_sft(c, mesh, rules, batches):
     opt = tx.init(params)
     grad_fn = jax.jit(jax.value_and_grad(train.sft_loss, has_aux=True), static_argnums=(2,))
 
-    @jax.jit
-    def apply(params, opt, grads):
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt
+    apply = train.apply_fn(tx)
 
     losses, hlo = [], ""
     for batch in batches:
@@ -97,8 +93,8 @@ def run_sft(c, mesh, rules, batches):
             if not hlo:
                 hlo = grad_fn.lower(params, frozen, graphdef, inputs, *targets).as_text()
             (loss, _), grads = grad_fn(params, frozen, graphdef, inputs, *targets)
-        assert bool(train._finite(loss, grads))
-        params, opt = apply(params, opt, grads)
+        params, opt, ok = apply(params, opt, grads, loss)
+        assert bool(ok)
         losses.append(float(loss))
     return losses, params, opt, graphdef, frozen, tx, hlo, inputs
 
@@ -107,7 +103,6 @@ def run_grpo(c, mesh, rules, examples, vision):
     """One PIR-GRPO update (train.grpo_objective) on fixed completions; the loss, metrics
     and updated parameters."""
     import jax
-    import optax
 
     from tempo_jax import sharding as shd
     from tempo_jax import train
@@ -140,8 +135,8 @@ def run_grpo(c, mesh, rules, examples, vision):
     inputs = shd.global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
     with shd.use_mesh(mesh, rules):
         (loss, m), grads = grad_fn(params, frozen, graphdef, inputs, *rows, gcfg, g)
-    updates, opt = tx.update(grads, opt, params)
-    params = optax.apply_updates(params, updates)
+    params, opt, ok = train.apply_fn(tx)(params, opt, grads, loss)
+    assert bool(ok)
     return float(loss), {k: float(v) for k, v in m.items()}, params, grads
 
 
