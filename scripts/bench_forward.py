@@ -30,14 +30,21 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def model_flops(cfg, seq: int, n_patches: int, window_lens, frame_lens) -> float:
-    """Matmul FLOPs of one prefill (2 per multiply-add), last-position logits only."""
-    t, v = cfg.text, cfg.vision
-    hd = t.head_dim
-    kv = t.num_key_value_heads * hd
-    per_tok = 2 * (t.hidden_size * (t.hidden_size + 2 * kv) + t.hidden_size * t.hidden_size
+def text_flops(cfg, seq: int) -> float:
+    """Forward matmul FLOPs (2 per multiply-add) of the decoder layers over one causal
+    sequence of `seq` tokens: projections, MLP and attention scores/values (half the square)."""
+    t = cfg.text
+    kv = t.num_key_value_heads * t.head_dim
+    q = t.num_attention_heads * t.head_dim
+    per_tok = 2 * (t.hidden_size * (q + 2 * kv) + q * t.hidden_size
                    + 3 * t.hidden_size * t.intermediate_size)
-    text = t.num_hidden_layers * (per_tok * seq + 2 * 2 * seq * seq * t.hidden_size / 2)
+    return t.num_hidden_layers * (per_tok * seq + 2 * 2 * seq * seq * q / 2)
+
+
+def vision_flops(cfg, n_patches: int, window_lens, frame_lens) -> float:
+    """Forward matmul FLOPs of the vision tower: patch embedding, windowed / full-frame
+    blocks and the patch merger."""
+    v = cfg.vision
     vd = v.hidden_size
     vit_tok = 2 * (vd * 3 * vd + vd * vd + 3 * vd * v.intermediate_size)
     full = set(v.fullatt_block_indexes)
@@ -47,9 +54,18 @@ def model_flops(cfg, seq: int, n_patches: int, window_lens, frame_lens) -> float
         vit += vit_tok * n_patches + sum(2 * 2 * n * n * vd for n in lens)
     vit += 2 * v.patch_dim * vd * n_patches
     ctx = vd * v.merge_unit
-    vit += 2 * (ctx * ctx + ctx * v.out_hidden_size) * n_patches / v.merge_unit
-    head = 2 * t.hidden_size * t.vocab_size
-    return text + vit + head
+    return vit + 2 * (ctx * ctx + ctx * v.out_hidden_size) * n_patches / v.merge_unit
+
+
+def head_flops(cfg) -> float:
+    """Forward FLOPs of the LM head at one position."""
+    return 2 * cfg.text.hidden_size * cfg.text.vocab_size
+
+
+def model_flops(cfg, seq: int, n_patches: int, window_lens, frame_lens) -> float:
+    """Matmul FLOPs of one prefill (2 per multiply-add), last-position logits only."""
+    return (text_flops(cfg, seq) + vision_flops(cfg, n_patches, window_lens, frame_lens)
+            + head_flops(cfg))
 
 
 def main() -> None:

@@ -221,21 +221,32 @@ def sft_loss(params, frozen, graphdef, inputs, pred_pos, targets, valid):
 def completion_logits(model: Qwen25VL, prompt_inputs, completions, comp_mask, start,
                       num_samples):
     """Logits at the completion positions only, for [B * G] rows that share B prompts: the
-    prompts (and their videos) are embedded once, then broadcast to their G samples."""
+    prompts (and their videos) are embedded once, then broadcast to their G samples.
+
+    Each row is reordered so that its valid prompt tokens come first, then its completion,
+    then the prompt's padding. Positions are explicit (M-RoPE), so this is the same
+    computation; but padding now only trails the row, where causal attention never lets a
+    valid token see it, so the decoder runs with no padding mask at all: the fused kernels'
+    (cuDNN, splash) fastest case. Completion tokens after EOS also only trail."""
     opts = model.options
     x = model.embed(prompt_inputs)  # [B, L, D], vision features scattered
     pmask = prompt_inputs["attention_mask"]
     ppos = prompt_inputs["position_ids"]
-    b, length = pmask.shape
     t = completions.shape[1]
     rep = lambda a, axis=0: jnp.repeat(a, num_samples, axis=axis)  # noqa: E731
     xc = model.model.embed_tokens(completions).astype(opts.dtype)
     x = jnp.concatenate([rep(x), xc], axis=1)
-    mask = jnp.concatenate([rep(pmask), comp_mask.astype(pmask.dtype)], axis=1)
     cpos = (start[:, None] + jnp.arange(t)[None, :])  # [B * G, T]
     pos = jnp.concatenate([rep(ppos, 1), jnp.broadcast_to(cpos[None], (3, *cpos.shape))], axis=2)
-    h = model.model(x, pos, mask, opts)
-    h = h[:, length - 1:length - 1 + t]  # position i predicts token i + 1
+    valid = jnp.concatenate([rep(pmask).astype(bool), jnp.ones(completions.shape, bool)], 1)
+    order = jnp.argsort(~valid, axis=1, stable=True)  # valid slots first, in their order
+    x = jnp.take_along_axis(x, order[..., None], axis=1)
+    pos = jnp.take_along_axis(pos, order[None], axis=2)
+    h = model.model(x, pos, None, opts)
+    # completion token j now sits at slot n + j (n: the row's prompt length) and is
+    # predicted from slot n + j - 1
+    n = rep(pmask.astype(jnp.int32).sum(axis=1))
+    h = jnp.take_along_axis(h, (n[:, None] - 1 + jnp.arange(t)[None])[..., None], axis=1)
     return model.logits_from_hidden(h)
 
 

@@ -237,3 +237,43 @@ def test_pir_resampled_pairs_equal_loaded_ones(demo_run, tmp_path):
             for key in ("input_ids", "position_ids", "loss_mask", "pixel_values"):
                 np.testing.assert_array_equal(ex[key], ref[key])
     assert len(seen) >= 4  # new pairings across steps, not one fixed set
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_completion_logits_equal_unpadded_forward(pad_side):
+    """The GRPO update's logits (prompts embedded once, rows reordered so padding trails and
+    no attention mask is used) equal a plain forward of each unpadded prompt + completion."""
+    from flax import nnx
+
+    from tempo_jax.models.qwen2_5_vl import Qwen25VL, prepare_inputs, preset
+    from tempo_jax.models.qwen2_5_vl import positions as pos_lib
+
+    cfg = preset("tiny")
+    model = Qwen25VL(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    lens, g, t = [9, 5], 2, 6
+    width = max(lens)
+    ids = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), np.int32)
+    for i, n in enumerate(lens):
+        sl = slice(width - n, width) if pad_side == "left" else slice(0, n)
+        ids[i, sl] = rng.integers(10, 1000, n)
+        mask[i, sl] = 1
+    inputs = prepare_inputs(cfg, ids, mask)
+    comp = rng.integers(10, 1000, (2 * g, t)).astype(np.int32)
+    comp_len = np.asarray([6, 2, 4, 6])
+    comp_mask = np.arange(t)[None] < comp_len[:, None]
+    start = np.repeat(pos_lib.decode_start(inputs["position_ids"], mask), g)
+    got = np.asarray(train_lib.completion_logits(
+        model, jax_tree(inputs), jnp.asarray(comp), jnp.asarray(comp_mask), jnp.asarray(start), g))
+    for r in range(2 * g):
+        prompt = ids[r // g][mask[r // g].astype(bool)]
+        seq = np.concatenate([prompt, comp[r, :comp_len[r]]])
+        ref = np.asarray(model.forward(prepare_inputs(cfg, seq[None])))[0]
+        n = len(prompt)
+        np.testing.assert_allclose(got[r, :comp_len[r]], ref[n - 1:n - 1 + comp_len[r]],
+                                   atol=2e-5, rtol=1e-5)
+
+
+def jax_tree(inputs):
+    return {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}

@@ -108,15 +108,27 @@ def xla_attention(
 
 
 def cudnn_attention(q, k, v, mask, scale: float, heads_first: bool = False, kv_valid=None,
-                    causal: bool = False):
+                    causal: bool = False, valid_is_prefix: bool = False):
+    """cuDNN flash attention. Key padding that is a prefix of each row (`valid_is_prefix`)
+    goes in as sequence lengths, the kernel's native padding; any other mask becomes a
+    [B, 1, Lq, Lk] bias, the only mask shape cuDNN takes."""
     if heads_first:
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    lq, lk = q.shape[1], k.shape[1]
+    lengths = None
+    if kv_valid is not None and valid_is_prefix and mask is None and lq == lk:
+        # rows with no valid key still get one (their output is discarded by the caller)
+        lengths = jnp.maximum(kv_valid.sum(-1), 1).astype(jnp.int32)
+        kv_valid = None
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]
     if kv_valid is not None:
         kv = kv_valid[:, None, None, :]
         mask = kv if mask is None else mask & kv
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, lq, lk))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                        implementation="cudnn")
     return jnp.swapaxes(out, 1, 2) if heads_first else out
 
@@ -184,24 +196,28 @@ def splash_attention(
 def attention(
     q, k, v, *, scale: float, backend: str = "xla", mask=None, kv_valid=None,
     q_segment_ids=None, kv_segment_ids=None, causal: bool = False,
-    splash_interpret: bool = False, heads_first: bool = False,
+    splash_interpret: bool = False, heads_first: bool = False, valid_is_prefix: bool = False,
 ):
     """Dispatch to a backend; layout [B, L, H, D], or [B, H, L, D] with `heads_first`.
 
-    Visibility is `mask` & `kv_valid` (key padding, [B, Lk]) & `causal`. `splash` expresses
-    padding and packing as segment ids instead (taken from `kv_valid` when not given) and
-    accepts no general mask.
+    Visibility is `mask` & `kv_valid` (key padding, [B, Lk]) & `causal`; `valid_is_prefix`
+    promises that each row's valid keys come first (right padding), which cuDNN runs faster.
+    `splash` expresses padding and packing as segment ids instead (taken from `kv_valid` when
+    not given) and accepts no general mask.
     """
     if backend == "xla":
         return xla_attention(q, k, v, mask, scale, causal=causal, heads_first=heads_first,
                              kv_valid=kv_valid)
     if backend == "cudnn":
         return cudnn_attention(q, k, v, mask, scale, heads_first=heads_first,
-                               kv_valid=kv_valid, causal=causal)
+                               kv_valid=kv_valid, causal=causal, valid_is_prefix=valid_is_prefix)
     if backend == "splash":
         if mask is not None:
             raise ValueError("the splash backend takes segment ids, not a general mask")
-        if q_segment_ids is None:
+        if q_segment_ids is None and kv_valid is None:  # no padding: one segment
+            rows = (q.shape[0], q.shape[2] if heads_first else q.shape[1])
+            q_segment_ids = kv_segment_ids = jnp.ones(rows, jnp.int32)
+        elif q_segment_ids is None:
             q_segment_ids = kv_segment_ids = kv_valid.astype(jnp.int32)
         return splash_attention(
             q, k, v, q_segment_ids, kv_segment_ids, scale, causal, interpret=splash_interpret,

@@ -130,7 +130,7 @@ class VisionAttention(nnx.Module):
         out = attention(
             qs, ks, vs, scale=self.head_dim**-0.5, backend=opts.attention_backend,
             kv_valid=valid, causal=False, splash_interpret=opts.splash_interpret,
-            heads_first=True,
+            heads_first=True, valid_is_prefix=True,  # segments padded at the end
         )
         out = jnp.swapaxes(out, 1, 2).reshape(s * lmax, -1)[slot]
         return self.proj(out, opts.dtype)
@@ -307,9 +307,10 @@ class TextModel(nnx.Module):
     def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions,
                  return_kv: bool = False):
         """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
-        (the prefill of a KV cache)."""
+        (the prefill of a KV cache). `attention_mask` None: no key is padding (or padding only
+        trails each row, where causal attention never lets a valid token see it)."""
         cos, sin = self.mrope(position_ids)
-        valid = attention_mask.astype(bool)
+        valid = None if attention_mask is None else attention_mask.astype(bool)
         layer_fn = lambda layer, h: layer(h, cos, sin, valid, opts)
         if opts.remat != "none":
             policy = (
