@@ -427,3 +427,16 @@ def shard_rows(a, mesh: Mesh | None, rules: Rules = DEFAULT_RULES, *, pad_axis: 
     if nproc == 1:
         return jax.device_put(a, sharding)
     return jax.make_array_from_process_local_data(sharding, a, gshape)
+
+
+def process_rows(a) -> np.ndarray:
+    """The rows (first-axis indices) of global array `a` held on this process's devices, in
+    order: where this process's local data went in `global_batch` / `shard_rows`. A host
+    array (no mesh) is all local."""
+    n = a.shape[0]
+    if not isinstance(a, jax.Array) or a.is_fully_addressable:
+        return np.arange(n)
+    rows: set[int] = set()
+    for sh in a.addressable_shards:
+        rows.update(range(*sh.index[0].indices(n)))
+    return np.asarray(sorted(rows), np.int64)

@@ -37,11 +37,10 @@ from tempo_jax.data.pipeline import (
     config_from_settings,
     load_example,
     make_loader,
-    model_inputs,
 )
 from tempo_jax.data.sources import VideoIndex, load_charades_sta, load_jsonl, load_qvhighlights
 from tempo_jax.data.sources import make_pir as make_pir_pairs
-from tempo_jax.generate import generate_from_inputs
+from tempo_jax.generate import GenerateOutput, generate_global
 from tempo_jax.metrics import grounding_metrics
 from tempo_jax.models.attention import resolve_backend
 from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, load_pretrained, preset
@@ -616,10 +615,6 @@ class Trainer:
         from tempo_jax.rl import grpo as grpo_lib
 
         c, rc = self.config, self.config.rl
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "PIR-GRPO on several hosts: the rollout (generate) still takes host arrays; "
-                "run the GRPO stage on one host (any number of local devices)")
         pcfg = pipeline_config(c, batch_size=rc.batch_size, with_answer=False, pad_side="left")
         loader = None
         if c.data.cache_examples:
@@ -657,7 +652,6 @@ class Trainer:
             return grpo_lib.sequence_logps(logits, completions)
 
         apply = apply_fn(tx)
-        eos = list(prompts_lib.EOS_IDS)
         skipped = 0
         history = []
         t_last = time.perf_counter()
@@ -669,14 +663,10 @@ class Trainer:
             else:
                 batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
                                     rc.batch_size, pcfg, data)
-            inputs = model_inputs(batch)
             model = _merge(self.graphdef, self.params, self.frozen)
-            key = jax.random.fold_in(rng, step)
-            out = generate_from_inputs(
-                model, inputs, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                top_p=rc.top_p, num_samples=G, eos_token_id=eos, rng=key,
-                pad_token_id=prompts_lib.ENDOFTEXT_ID, bucket_shapes=False,
-            )
+            out, inputs = rollout(model, batch, self.mesh, self.rules, num_samples=G,
+                                  max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                                  top_p=rc.top_p, rng=jax.random.fold_in(rng, step))
             texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
                      for t, n in zip(out.tokens, out.lengths, strict=True)]
             meta = [m for m in batch["meta"] for _ in range(G)]
@@ -698,8 +688,6 @@ class Trainer:
             completions, cm, st, old = (rows(a) for a in (out.tokens, comp_mask, start,
                                                           out.logprobs))
             adv = rows(np.asarray(adv))
-            inputs = shd.global_batch(batch, self.mesh, self.rules,
-                                      model_config=self.model.config, pad_side="left")
             ref = None
             if ref_params is not None:
                 with shd.use_mesh(self.mesh, self.rules):
@@ -713,13 +701,16 @@ class Trainer:
                 if not bool(ok):
                     skipped += 1
                     log.warning("GRPO step %d: non-finite loss or gradient, update skipped", step)
-            refused = [rewards_lib.parse_answer(t) == "refuse" for t in texts]
-            irr = [not r for r in fields["relevant"]]
+            # every host's rows in the logged figures
+            refused = all_rows([rewards_lib.parse_answer(t) == "refuse" for t in texts])
+            irr = all_rows([not r for r in fields["relevant"]])
+            total, lengths = all_rows(total), all_rows(out.lengths)
+            parts = {k: all_rows(v) for k, v in parts.items()}
             metrics = {k: float(v) for k, v in m.items()}
             metrics.update(
                 loss=float(loss), reward=float(np.mean(total)),
                 **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                response_length=float(out.lengths.mean()),
+                response_length=float(lengths.mean()),
                 refusal_accuracy=_frac([r for r, i in zip(refused, irr, strict=True) if i]),
                 false_refusal_rate=_frac([r for r, i in zip(refused, irr, strict=True)
                                           if not i]),
@@ -729,7 +720,7 @@ class Trainer:
                 metrics["skipped_examples"] = loader.skipped
             now = time.perf_counter()
             metrics["step_time"] = now - t_last
-            metrics["tokens_per_s"] = float(out.lengths.sum()) / metrics["step_time"]
+            metrics["tokens_per_s"] = float(lengths.sum()) / metrics["step_time"]
             t_last = now
             history.append(metrics)
             self.log_metrics("grpo", step + 1, metrics)
@@ -784,6 +775,33 @@ class Trainer:
 
 
 # ============================================================================ helpers
+def rollout(model: Qwen25VL, batch: dict, mesh, rules, *, num_samples: int,
+            max_new_tokens: int, temperature: float, top_p: float, rng):
+    """PIR-GRPO's sampling step: `num_samples` completions of each prompt of this process's
+    left-padded `batch`. Returns this process's rows (prompt-major, host arrays) and the
+    batch's model inputs as global arrays (what the update step takes). On several hosts
+    every process runs the same sharded program on the global batch."""
+    inputs = shd.global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
+    start = shd.shard_rows(_decode_start(batch).astype(np.int32), mesh, rules)
+    with shd.use_mesh(mesh, rules):
+        out = generate_global(
+            model, inputs, start, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, num_samples=num_samples, eos_token_id=list(prompts_lib.EOS_IDS),
+            rng=rng, pad_token_id=prompts_lib.ENDOFTEXT_ID)
+    mine = (shd.process_rows(start)[:, None] * num_samples + np.arange(num_samples)).ravel()
+    return GenerateOutput(out.tokens[mine], out.logprobs[mine], out.lengths[mine]), inputs
+
+
+def all_rows(x) -> np.ndarray:
+    """Per-row host values of every process, concatenated (this process's alone on one)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _data_state(loader: Loader | None) -> dict | None:
     return None if loader is None else {"data_state": loader.get_state()}
 

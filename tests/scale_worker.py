@@ -24,6 +24,7 @@ MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
 LR = 3e-3
 SFT_ROWS = 4  # global SFT batch
 SFT_STEPS = 2
+ROLLOUT_G = 2  # samples per prompt in the rollout checks (4 prompts)
 
 
 def config():
@@ -140,6 +141,23 @@ def run_grpo(c, mesh, rules, examples, vision):
     return float(loss), {k: float(v) for k, v in m.items()}, params, grads
 
 
+def run_rollout(c, mesh, rules, examples, vision, rows):
+    """PIR-GRPO's sampling step (train.rollout) on prompts `rows`: this process's
+    completions, their log-probabilities and lengths."""
+    import jax
+
+    from tempo_jax import train
+    from tempo_jax.data.pipeline import collate
+
+    pcfg = train.pipeline_config(c, with_answer=False, pad_side="left")
+    batch = collate(train._prompt_examples([examples[i] for i in rows]), pcfg, vision)
+    model = fresh(c, mesh, rules)
+    out, _ = train.rollout(model, batch, mesh, rules, num_samples=ROLLOUT_G, max_new_tokens=6,
+                           temperature=1.0, top_p=1.0, rng=jax.random.PRNGKey(5))
+    return {"tokens": out.tokens.tolist(), "logps": out.logprobs.tolist(),
+            "lengths": out.lengths.tolist()}
+
+
 def c_vocab(vision) -> int:
     from tempo_jax.models.qwen2_5_vl import preset
 
@@ -199,6 +217,10 @@ def mesh8(examples, out: Path) -> None:
     res["grpo_grad_max"] = max(float(np.abs(v).max()) for v in flat(d1).values())
     res["grpo_clip_fraction"] = m1["clip_fraction"]
 
+    # ---- PIR-GRPO rollout: one device vs the mesh (sampled, temperature 1)
+    res["rollout_1"] = run_rollout(c, None, rules, examples, vision, range(4))
+    res["rollout_8"] = run_rollout(c, mesh, rules, examples, vision, range(4))
+
     # ---- Orbax checkpoint saved on the mesh, restored on (fsdp=4) and on one device
     saved = {"params": p8.to_pure_dict(), "opt_state": o8}
     mgr = ocp.CheckpointManager(out / "ckpt")
@@ -227,7 +249,8 @@ def mesh8(examples, out: Path) -> None:
 def proc(examples, out: Path) -> None:
     """One of two jax.distributed processes (4 CPU devices each): the SFT steps of `mesh8` on
     a (data 2 over the processes, fsdp 2, tensor 2) mesh, each process holding half of every
-    batch's rows, then the non-gathering HF export."""
+    batch's rows, then the non-gathering HF export, then a PIR-GRPO rollout of half the
+    prompts each."""
     import jax
     from flax import nnx
 
@@ -252,7 +275,9 @@ def proc(examples, out: Path) -> None:
     n = int(np.asarray(batches[-1]["video_grid_thw"]).prod(1).sum())
     pixels_local = bool(np.array_equal(mine[:n], np.asarray(batches[-1]["pixel_values"])[:n])
                         and not mine[n:].any())
+    roll = run_rollout(c, mesh, rules, examples, vision, range(me * 2, me * 2 + 2))
     (out / f"proc_{me}.json").write_text(json.dumps({
+        "rollout": roll,
         "losses": losses, "process": me, "global_rows": int(inputs["input_ids"].shape[0]),
         "local_patches": int(np.asarray(batches[0]["video_grid_thw"]).prod(1).sum()),
         "pixels_local": pixels_local, "pixel_rows": int(pix.shape[0]),

@@ -190,6 +190,16 @@ def test_grpo_step_on_mesh_matches_one_device(mesh8):
     assert 0 < res["grpo_clip_fraction"] < 1  # both branches of the clipped objective
 
 
+def test_rollout_on_mesh_matches_one_device(mesh8):
+    """Sampling (temperature 1) on the (2, 2, 2) mesh draws the same tokens with the same
+    log-probabilities as on one device."""
+    res, _ = mesh8
+    one, eight = res["rollout_1"], res["rollout_8"]
+    assert len(one["tokens"]) == 8 and len({tuple(t) for t in one["tokens"]}) > 1
+    assert eight["tokens"] == one["tokens"] and eight["lengths"] == one["lengths"]
+    np.testing.assert_allclose(eight["logps"], one["logps"], rtol=0, atol=1e-5)
+
+
 def test_checkpoint_reshards_to_fsdp4_and_one_device(mesh8):
     res, _ = mesh8
     assert res["ckpt_fsdp4_diff"] == 0.0
@@ -235,6 +245,14 @@ def test_two_process_run_matches_one_process(mesh8, examples, tmp_path):
         assert g["mesh_data_processes"] == [[0], [1]]  # data (DCN) axis across the hosts
         assert g["pixels_local"]  # each host's pixels stay on its own devices
     assert got[0]["local_patches"] != got[1]["local_patches"]
+    # PIR-GRPO rollout across the two hosts: each gets its own prompts' samples, equal to the
+    # one-process rows (prompt-major, 2 samples per prompt)
+    one = res1["rollout_1"]
+    for i, g in enumerate(got):
+        rows = slice(4 * i, 4 * i + 4)
+        assert g["rollout"]["tokens"] == one["tokens"][rows], i
+        assert g["rollout"]["lengths"] == one["lengths"][rows], i
+        np.testing.assert_allclose(g["rollout"]["logps"], one["logps"][rows], rtol=0, atol=1e-5)
     a, b = CheckpointReader(tmp_path / "hf"), CheckpointReader(out1 / "ref_hf")
     assert sorted(a.keys()) == sorted(b.keys())
     worst = max(float(np.abs(a.read(k).astype(np.float64) - b.read(k).astype(np.float64)).max())
