@@ -173,32 +173,6 @@ def generate(
     )
 
 
-def _check_settings(max_new_tokens, num_samples, temperature, top_p, top_k) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, "
-                         f"top_k={top_k}")
-
-
-def _sample(model, inputs, start, rng, *, max_new_tokens, num_samples, temperature, top_k,
-            top_p, eos_token_id, pad_token_id):
-    """Run the jitted sampler on prepared inputs (host or global arrays); device outputs."""
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if rng is None:
-        rng = jax.random.key(0)
-    graphdef, state = nnx.split(model)
-    return _generate(
-        graphdef, state, inputs, start, rng,
-        max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        eos_ids=eos, pad_id=int(pad_id),
-    )
-
-
 def generate_from_inputs(
     model: Qwen25VL,
     inputs: dict,
@@ -216,7 +190,6 @@ def generate_from_inputs(
 ) -> GenerateOutput:
     """`generate` on inputs already prepared on the host (`prepare_inputs`, or a batch of
     the data pipeline: input_ids, attention_mask, position_ids and the vision arrays)."""
-    _check_settings(max_new_tokens, num_samples, temperature, top_p, top_k)
     cfg = model.config
     inputs = dict(inputs)
     ids, mask, pos = left_align(np.asarray(inputs["input_ids"]),
@@ -242,12 +215,12 @@ def generate_from_inputs(
     inputs = {k: inputs[k] for k in keep if k in inputs}
     inputs.update(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
                   position_ids=pos.astype(np.int32))
-    tokens, logps, lengths = _sample(
-        model, inputs, jnp.asarray(start, jnp.int32), rng, max_new_tokens=max_new_tokens,
-        num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    n = b * num_samples
-    return GenerateOutput(np.asarray(tokens)[:n], np.asarray(logps)[:n], np.asarray(lengths)[:n])
+    out = generate_global(
+        model, inputs, jnp.asarray(start, jnp.int32), max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
+        eos_token_id=eos_token_id, rng=rng, pad_token_id=pad_token_id)
+    n = b * num_samples  # the rows of the prompts, without the bucket's padding rows
+    return GenerateOutput(out.tokens[:n], out.logprobs[:n], out.lengths[:n])
 
 
 def generate_global(
@@ -264,17 +237,32 @@ def generate_global(
     rng: jax.Array | None = None,
     pad_token_id: int | None = None,
 ) -> GenerateOutput:
-    """`generate` on a batch that is already a set of global arrays on the model's mesh
-    (`sharding.global_batch` of left-padded prompts, `start` = `sharding.shard_rows` of
-    `positions.decode_start`): on several hosts every process runs the same program, each
-    having passed in only its own prompts. Returns every row (prompt-major) on every host;
-    `sharding.process_rows` says which prompts are this process's."""
+    """`generate` on left-padded prompts as they are, with no host preparation: host arrays
+    (`generate_from_inputs` after its own), or global arrays on the model's mesh
+    (`sharding.global_batch`, `start` = `sharding.shard_rows` of `positions.decode_start`).
+    On several hosts every process runs the same program, each having passed in only its own
+    prompts, and gets every row (prompt-major) back; `sharding.process_rows` says which
+    prompts are this process's."""
     from jax.experimental import multihost_utils
 
-    _check_settings(max_new_tokens, num_samples, temperature, top_p, top_k)
-    out = _sample(model, inputs, start, rng, max_new_tokens=max_new_tokens,
-                  num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
-                  eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    if jax.process_count() > 1:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, "
+                         f"top_k={top_k}")
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if rng is None:
+        rng = jax.random.key(0)
+    graphdef, state = nnx.split(model)
+    out = _generate(
+        graphdef, state, inputs, start, rng,
+        max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+        eos_ids=eos, pad_id=int(pad_id),
+    )
+    if not out[0].is_fully_addressable:  # rows on other hosts' devices: gather them
         out = multihost_utils.process_allgather(out, tiled=True)
     return GenerateOutput(*(np.asarray(a) for a in out))
