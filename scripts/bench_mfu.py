@@ -13,8 +13,8 @@ attention, gradient checkpointing when we remat), the same loss, torch AdamW, an
 MFU counts model FLOPs only (remat recomputation excluded): 3x the forward matmuls of the
 decoder over every (prompt + completion) row, causal attention at half the square, the LM head
 at completion positions, plus one forward of the frozen vision tower per prompt. The peak is
-the chip's dense bf16 datasheet figure (H100/H200 SXM: 989.4 TFLOP/s); the run also measures
-a large bf16 matmul for comparison.
+the chip's dense bf16 datasheet figure from the planner's chip table (H100/H200 SXM: 989
+TFLOP/s); the run also measures a large bf16 matmul for comparison.
 
     python scripts/bench_mfu.py --preset 3b                 # on a GPU: both sides
     python scripts/bench_mfu.py --preset bench --grid 2,8,8 --completion 16 --sides jax
@@ -34,9 +34,7 @@ import sys
 import time
 
 from bench_forward import head_flops, median_time, text_flops, vision_flops
-
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "TPU v5p": 459e12,
-             "TPU v4": 275e12, "TPU v5 lite": 197e12}
+from bench_train_step import torch_grpo_loss
 
 
 def shapes(args, cfg):
@@ -88,10 +86,12 @@ def _device_info():
 
 
 def _peak(kind: str) -> float | None:
-    for name, v in PEAK_BF16.items():
-        if name.lower() in kind.lower():
-            return v
-    return None
+    """The dense bf16 peak of the planner's chip table for a `device_kind` ("NVIDIA H100 80GB
+    HBM3", "TPU v5p", "TPU v5 lite"), or None for a chip it does not list."""
+    from tempo_jax.plan import CHIPS
+
+    kind = kind.lower().replace("v5 lite", "v5e")
+    return next((c.bf16_flops for name, c in CHIPS.items() if name in kind), None)
 
 
 # ---------------------------------------------------------------------------- ours
@@ -269,10 +269,7 @@ def run_torch(args) -> dict:
         h = h[:, lp - 1:lp - 1 + lc]
         logp = torch.log_softmax(hf.lm_head(h).float(), -1)
         logp = logp.gather(-1, comp[..., None])[..., 0]
-        ratio = torch.exp(logp - old)
-        pg = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.28) * adv[:, None])
-        d = ref - logp
-        return (pg + 0.04 * (torch.exp(d) - d - 1)).mean()
+        return torch_grpo_loss(logp, old, ref, adv, torch.ones_like(logp), beta=0.04)
 
     def step():
         loss = loss_fn()

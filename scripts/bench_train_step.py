@@ -22,6 +22,20 @@ import time
 from bench_forward import median_time  # scripts/ is on sys.path when run as a script
 
 
+def torch_grpo_loss(logps, old, ref, adv, mask, beta: float, eps_low: float = 0.2,
+                    eps_high: float = 0.28):
+    """The reference PIR-GRPO loss in PyTorch: PPO-clip (asymmetric eps) + beta * k3 KL,
+    token mean over `mask`; logps/old/ref [N, T], adv [N]."""
+    import torch
+
+    ratio = torch.exp(logps - old)
+    a = adv[:, None]
+    obj = torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    d = ref - logps
+    tok = -obj + beta * (torch.exp(d) - d - 1)
+    return (tok * mask).sum() / mask.sum()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8)
@@ -84,18 +98,15 @@ def main() -> None:
     t_ids = torch.as_tensor(ids)
     t_pos = torch.as_tensor(pos, dtype=torch.long)
     t_old, t_ref = torch.as_tensor(old), torch.as_tensor(ref)
-    t_adv, t_mask = torch.as_tensor(adv)[:, None], torch.as_tensor(mask)
+    t_adv, t_mask = torch.as_tensor(adv), torch.as_tensor(mask)
     t_tgt = torch.as_tensor(ids[:, lp:])
 
     def torch_step():
         hf.zero_grad(set_to_none=True)
         logits = hf(input_ids=t_ids, position_ids=t_pos, logits_to_keep=lc + 1).logits[:, :-1]
         logps = torch.log_softmax(logits.float(), -1).gather(-1, t_tgt[..., None])[..., 0]
-        ratio = torch.exp(logps - t_old)
-        obj = torch.minimum(ratio * t_adv, torch.clamp(ratio, 0.8, 1.28) * t_adv)
-        d = t_ref - logps
-        tok = -obj + gcfg.beta * (torch.exp(d) - d - 1)
-        loss = (tok * t_mask).sum() / t_mask.sum()
+        loss = torch_grpo_loss(logps, t_old, t_ref, t_adv, t_mask, gcfg.beta, gcfg.eps_low,
+                               gcfg.eps_high)
         loss.backward()
         return float(loss)
 

@@ -265,7 +265,7 @@ def test_completion_logits_equal_unpadded_forward(pad_side):
     comp_mask = np.arange(t)[None] < comp_len[:, None]
     start = np.repeat(pos_lib.decode_start(inputs["position_ids"], mask), g)
     got = np.asarray(train_lib.completion_logits(
-        model, jax_tree(inputs), jnp.asarray(comp), jnp.asarray(comp_mask), jnp.asarray(start), g))
+        model, inputs, jnp.asarray(comp), jnp.asarray(comp_mask), jnp.asarray(start), g))
     for r in range(2 * g):
         prompt = ids[r // g][mask[r // g].astype(bool)]
         seq = np.concatenate([prompt, comp[r, :comp_len[r]]])
@@ -273,7 +273,3 @@ def test_completion_logits_equal_unpadded_forward(pad_side):
         n = len(prompt)
         np.testing.assert_allclose(got[r, :comp_len[r]], ref[n - 1:n - 1 + comp_len[r]],
                                    atol=2e-5, rtol=1e-5)
-
-
-def jax_tree(inputs):
-    return {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
