@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tempo_jax import fileio
 from tempo_jax.metrics import (
     QVH_IOU_THRESHOLDS,
     QVH_SALIENCY_LEVELS,
@@ -339,8 +340,7 @@ def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,
 
     subs = [submission_row(r, parse_answer(row.get("answer") or ""))
             for r, row in zip(records, rows, strict=True)]
-    with open(out / "predictions.jsonl", "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in subs)
+    fileio.write_text(out / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in subs))
     failed = [row for row in rows if row.get("error")]
     metrics: dict[str, Any] = grounding_metrics(
         [row.get("answer") or "" for row in rows], [r.get("windows", []) for r in records],
@@ -352,7 +352,7 @@ def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,
         wanted = {str(r["qid"]) for r in records}
         gt = [g for g in ground_truth if str(g["qid"]) in wanted]
         metrics["official"] = qvhighlights_metrics(subs, gt)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    fileio.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     drawable = [{**row, "windows": r.get("windows", []), "duration": r["duration"]}
                 for r, row in zip(records, rows, strict=True) if r.get("duration")]
     if timeline and drawable:

@@ -25,6 +25,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+from tempo_jax import fileio
 from tempo_jax import train as train_lib
 from tempo_jax.data import processor as processor_lib
 from tempo_jax.data import prompts as prompts_lib
@@ -85,6 +86,18 @@ def available_steps(workdir: str | Path) -> list[int]:
         mngr.close()
 
 
+def uncommitted_steps(workdir: str | Path) -> dict[int, str]:
+    """Steps whose save started but never committed (Orbax's `<step>.orbax-checkpoint-tmp*`
+    directories): never listed or restored, named here so that asking for one gets a clear
+    answer rather than "no such step"."""
+    out = {}
+    for p in (Path(workdir) / "ckpt").glob("*.orbax-checkpoint-tmp*"):
+        head = p.name.split(".", 1)[0]
+        if head.isdigit():
+            out[int(head)] = str(p)
+    return out
+
+
 def load_workdir(workdir: str | Path, step: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, Qwen25VL]:
     """(config, model) of a training workdir at checkpoint `step` (default: the latest).
@@ -98,6 +111,12 @@ def load_workdir(workdir: str | Path, step: int | None = None
     mngr = _manager(workdir)
     try:
         steps = sorted(mngr.all_steps())
+        partial = uncommitted_steps(workdir).get(step) if step not in steps else None
+        if partial:
+            raise ValueError(
+                f"{workdir}: the checkpoint at step {step} is incomplete ({partial}: its save "
+                "never committed; the run was killed while saving, or is still saving); "
+                f"committed steps: {', '.join(map(str, steps)) or 'none'}")
         if not steps:
             raise FileNotFoundError(f"{workdir}: no checkpoints under {workdir / 'ckpt'}")
         if step is None:
@@ -164,15 +183,20 @@ def write_tokenizer_files(config: ml_collections.ConfigDict, model: Qwen25VL | N
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Write the Hugging Face directory of checkpoint `step` (default: latest) of `workdir`."""
     out = Path(out).absolute()
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ValueError(f"{out}: exists and is not a Hugging Face directory (no config.json); "
+                         "it would be replaced: choose a new or empty --out")
     log.info("loading %s (step %s)", workdir, "latest" if step is None else step)
     config, model = load_workdir(workdir, step)
-    out.mkdir(parents=True, exist_ok=True)
-    files = save_pretrained(model, out)
-    log.info("weights: %s", ", ".join(Path(f).name for f in files))
-    (out / SETTINGS_FILE).write_text(json.dumps(train_lib.settings_dict(config), indent=2))
-    log.info("settings: %s", SETTINGS_FILE)
-    names = write_tokenizer_files(config, model, out)
-    log.info("tokenizer / processor: %s", ", ".join(names))
+    # written aside, then moved into place: `out` is a whole export or the previous one
+    with fileio.replace_dir(out) as stage:
+        files = save_pretrained(model, stage)
+        log.info("weights: %s", ", ".join(Path(f).name for f in files))
+        (stage / SETTINGS_FILE).write_text(json.dumps(train_lib.settings_dict(config),
+                                                      indent=2))
+        log.info("settings: %s", SETTINGS_FILE)
+        names = write_tokenizer_files(config, model, stage)
+        log.info("tokenizer / processor: %s", ", ".join(names))
     return out
 
 

@@ -3,12 +3,15 @@
 With no flags it runs the `tiny` config on synthetic videos (the CPU demo) into `runs/demo`.
 Pure jitted step functions of (trainable params, optimizer state, batch); Orbax checkpoints
 (async) of params, optimizer, step, RNG and data position every `ckpt_every` steps; a restart
-with the same `--workdir` resumes from the last one (SIGTERM saves before exiting). A
-non-finite loss or gradient skips the update and is logged; it never reaches a checkpoint.
+with the same `--workdir` resumes from the last one (SIGTERM saves before exiting). Every way
+out (a stage's end, `run` returning, SIGTERM, an error) waits until the checkpoints already
+started are committed. A non-finite loss or gradient skips the update and is logged; it never
+reaches a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tempo_jax import fileio
 from tempo_jax import sharding as shd
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
@@ -360,10 +364,13 @@ class Trainer:
         self.graphdef, self.params, self.frozen = nnx.split(
             self.model, trainable_filter(config), ...)
         self.tokenizer = prompts_lib.load_tokenizer(None)
+        # a save cut short leaves `<step>.orbax-checkpoint-tmp`: never listed or restored,
+        # removed when the next run opens the manager
         self.ckpt = ocp.CheckpointManager(
             workdir / "ckpt",
             options=ocp.CheckpointManagerOptions(max_to_keep=config.ckpt_keep,
-                                                 enable_async_checkpointing=True),
+                                                 enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True),
         )
         self.is_main = jax.process_index() == 0  # only process 0 writes logs and exports
         self.metrics_file = (open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
@@ -378,11 +385,56 @@ class Trainer:
                 log.warning("tensorboardX missing: no TensorBoard event files")
         self.stop_requested = False
         self._records_by_qid: dict | None = None  # PIR resampling's record lookup, built once
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._closed = False
+        self._sigterm_before = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
         self.stop_requested = True
+
+    def close(self) -> None:
+        """Wait until every checkpoint in flight is committed, then close the checkpoint
+        manager, `metrics.jsonl` and the TensorBoard writer (its events are written by a
+        background thread) and give SIGTERM back. Idempotent; `run` calls it on every way
+        out, and a Trainer used directly should be closed (or used as a context manager)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.ckpt.close()  # waits for the async commits first
+        finally:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+            if self.tb is not None:
+                self.tb.close()
+            signal.signal(signal.SIGTERM, self._sigterm_before)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _committing(self, stage: str, loader: Loader | None = None):
+        """A stage's loop runs inside: however it ends, the checkpoints it started are
+        committed before control leaves it (the last one included), and its loader's workers
+        are stopped. An error is logged and re-raised after the commit."""
+        try:
+            yield
+        except BaseException as e:
+            log.error("%s stopped by %s: %s; committing the checkpoints already saved",
+                      stage, type(e).__name__, e)
+            try:
+                self.ckpt.wait_until_finished()
+            except Exception:  # the original error is the one to raise
+                log.exception("a checkpoint in flight failed to commit")
+            raise
+        else:
+            self.ckpt.wait_until_finished()
+        finally:
+            if loader is not None:
+                loader.close()
 
     # ---- logging
     def log_metrics(self, stage: str, step: int, metrics: dict) -> None:
@@ -435,9 +487,10 @@ class Trainer:
         return got["opt_state"], got["rng"]
 
     # ---- stages
-    def run(self, data: Data, after_stage=None) -> None:
+    def run(self, data: Data, after_stage=None) -> dict:
         """Run the configured stages in order, resuming from the latest checkpoint;
-        `after_stage(stage)` is called when a stage completes in this process."""
+        `after_stage(stage)` is called when a stage completes in this process. Returns
+        `{"preempted": bool}`: True when SIGTERM stopped the run (its checkpoint committed)."""
         stages = [s.strip() for s in self.config.stages.split(",") if s.strip()]
         for s in stages:
             if s not in ("sft", "grpo"):
@@ -457,9 +510,15 @@ class Trainer:
             step0 = start_step if stage == start_stage else 0
             ckpt = latest if stage == start_stage and step0 < total else None
             if step0 < total:
-                (self.run_sft if stage == "sft" else self.run_grpo)(data, step0, ckpt)
+                out = (self.run_sft if stage == "sft" else self.run_grpo)(data, step0, ckpt)
+                if out.get("preempted"):
+                    return {"preempted": True}
             if after_stage is not None:
                 after_stage(stage)
+            if self.stop_requested:  # SIGTERM during the evaluation: the stage is saved
+                log.warning("SIGTERM after the %s stage: stopping before the next one", stage)
+                return {"preempted": True}
+        return {"preempted": False}
 
     def _restore_params(self, step):
         return restore_params(self.ckpt, step, self.params)
@@ -564,50 +623,53 @@ class Trainer:
         t_last = time.perf_counter()
         bar = tqdm(range(step0, c.sft.steps), desc="SFT", initial=step0, total=c.sft.steps,
                    file=sys.stdout, mininterval=2)
-        for step in bar:
-            if loader is not None:
-                micro = [next(loader) for _ in range(accum)]
-            else:
-                picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
-                                    c.sft.batch_size, data, pcfg)
-                micro = [collate(chunk, pcfg, self.model.config.vision)
-                         for chunk in _chunks(picked, accum)]
-            grads_sum, metrics, tokens = None, None, 0
-            for batch in micro:  # gradient accumulation: each micro-batch is its own batch
-                targets = [shd.shard_rows(a, self.mesh, self.rules, pad_axis=1) for a in
-                           answer_targets(batch["loss_mask"], batch["input_ids"])]
-                inputs = shd.global_batch(batch, self.mesh, self.rules,
-                                          model_config=self.model.config)
-                with shd.use_mesh(self.mesh, self.rules):
-                    (loss, m), g = grad_fn(self.params, self.frozen, self.graphdef, inputs,
-                                           *targets)
-                grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
-                metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
-                tokens += int(batch["attention_mask"].sum())
-            n = len(micro)
-            grads = jax.tree.map(lambda g, n=n: g / n, grads_sum)
-            metrics = {k: v / n for k, v in metrics.items()}
-            self.params, opt_state, ok = apply(self.params, opt_state, grads, metrics["loss"])
-            if not bool(ok):
-                skipped += 1
-                log.warning("SFT step %d: non-finite loss or gradient, update skipped", step)
-            metrics["skipped_updates"] = skipped
-            if loader is not None:
-                metrics["skipped_examples"] = loader.skipped
-            if (step + 1) % c.log_every == 0 or step + 1 == c.sft.steps:
-                now = time.perf_counter()
-                metrics["step_time"] = (now - t_last) / c.log_every
-                metrics["tokens_per_s"] = tokens / metrics["step_time"]
-                t_last = now
-                self.log_metrics("sft", step + 1, metrics)
-                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                                acc=f"{float(metrics['token_accuracy']):.2f}")
-            if (step + 1) % c.ckpt_every == 0 or step + 1 == c.sft.steps or self.stop_requested:
-                self.save("sft", step + 1, opt_state, rng, _data_state(loader))
-            if self.stop_requested:
-                self.ckpt.wait_until_finished()
-                sys.exit(0)
-        return {"skipped_updates": skipped}
+        with self._committing("SFT", loader), bar:
+            for step in bar:
+                if loader is not None:
+                    micro = [next(loader) for _ in range(accum)]
+                else:
+                    picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
+                                        c.sft.batch_size, data, pcfg)
+                    micro = [collate(chunk, pcfg, self.model.config.vision)
+                             for chunk in _chunks(picked, accum)]
+                grads_sum, metrics, tokens = None, None, 0
+                for batch in micro:  # gradient accumulation: each micro-batch is its own batch
+                    targets = [shd.shard_rows(a, self.mesh, self.rules, pad_axis=1) for a in
+                               answer_targets(batch["loss_mask"], batch["input_ids"])]
+                    inputs = shd.global_batch(batch, self.mesh, self.rules,
+                                              model_config=self.model.config)
+                    with shd.use_mesh(self.mesh, self.rules):
+                        (loss, m), g = grad_fn(self.params, self.frozen, self.graphdef, inputs,
+                                               *targets)
+                    grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
+                    metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+                    tokens += int(batch["attention_mask"].sum())
+                n = len(micro)
+                grads = jax.tree.map(lambda g, n=n: g / n, grads_sum)
+                metrics = {k: v / n for k, v in metrics.items()}
+                self.params, opt_state, ok = apply(self.params, opt_state, grads,
+                                                   metrics["loss"])
+                if not bool(ok):
+                    skipped += 1
+                    log.warning("SFT step %d: non-finite loss or gradient, update skipped", step)
+                metrics["skipped_updates"] = skipped
+                if loader is not None:
+                    metrics["skipped_examples"] = loader.skipped
+                if (step + 1) % c.log_every == 0 or step + 1 == c.sft.steps:
+                    now = time.perf_counter()
+                    metrics["step_time"] = (now - t_last) / c.log_every
+                    metrics["tokens_per_s"] = tokens / metrics["step_time"]
+                    t_last = now
+                    self.log_metrics("sft", step + 1, metrics)
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                                    acc=f"{float(metrics['token_accuracy']):.2f}")
+                if ((step + 1) % c.ckpt_every == 0 or step + 1 == c.sft.steps
+                        or self.stop_requested):
+                    self.save("sft", step + 1, opt_state, rng, _data_state(loader))
+                if self.stop_requested:
+                    log.warning("stopped at SFT step %d: checkpoint saved", step + 1)
+                    return {"skipped_updates": skipped, "preempted": True}
+        return {"skipped_updates": skipped, "preempted": False}
 
     def run_grpo(self, data: Data, step0: int, resume_ckpt) -> dict:
         from tqdm import tqdm
@@ -657,81 +719,84 @@ class Trainer:
         t_last = time.perf_counter()
         bar = tqdm(range(step0, rc.steps), desc="PIR-GRPO", initial=step0, total=rc.steps,
                    file=sys.stdout, mininterval=2)
-        for step in bar:
-            if loader is not None:
-                batch = next(loader)
-            else:
-                batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
-                                    rc.batch_size, pcfg, data)
-            model = _merge(self.graphdef, self.params, self.frozen)
-            out, inputs = rollout(model, batch, self.mesh, self.rules, num_samples=G,
-                                  max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                                  top_p=rc.top_p, rng=jax.random.fold_in(rng, step))
-            texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
-                     for t, n in zip(out.tokens, out.lengths, strict=True)]
-            meta = [m for m in batch["meta"] for _ in range(G)]
-            fields = {
-                "windows": [m["windows"] for m in meta],
-                "relevant": [m["relevant"] for m in meta],
-                "duration": [m["duration"] for m in meta],
-            }
-            total, parts = rewards_lib.total_reward(
-                [m["query"] for m in meta], texts, names=names, iou_type=rc.iou_type,
-                **fmt_kw, **fields)
-            adv = grpo_lib.group_advantages(jnp.asarray(total, jnp.float32), G,
-                                            scale_rewards=rc.scale_rewards)
-            t_len = out.tokens.shape[1]
-            comp_mask = (np.arange(t_len)[None, :] < out.lengths[:, None])
-            start = np.repeat(_decode_start(batch), G)
-            # the update step: prompts and completions sharded over the batch (data, fsdp)
-            rows = functools.partial(shd.shard_rows, mesh=self.mesh, rules=self.rules)
-            completions, cm, st, old = (rows(a) for a in (out.tokens, comp_mask, start,
-                                                          out.logprobs))
-            adv = rows(np.asarray(adv))
-            ref = None
-            if ref_params is not None:
-                with shd.use_mesh(self.mesh, self.rules):
-                    ref = ref_logps_fn(ref_params, self.frozen, self.graphdef, inputs,
-                                       completions, cm, st, G)
-            for _ in range(rc.num_iterations):
-                with shd.use_mesh(self.mesh, self.rules):
-                    (loss, m), grads = grad_fn(self.params, self.frozen, self.graphdef, inputs,
-                                               completions, cm, st, old, ref, adv, gcfg, G)
-                self.params, opt_state, ok = apply(self.params, opt_state, grads, loss)
-                if not bool(ok):
-                    skipped += 1
-                    log.warning("GRPO step %d: non-finite loss or gradient, update skipped", step)
-            # every host's rows in the logged figures
-            refused = all_rows([rewards_lib.parse_answer(t) == "refuse" for t in texts])
-            irr = all_rows([not r for r in fields["relevant"]])
-            total, lengths = all_rows(total), all_rows(out.lengths)
-            parts = {k: all_rows(v) for k, v in parts.items()}
-            metrics = {k: float(v) for k, v in m.items()}
-            metrics.update(
-                loss=float(loss), reward=float(np.mean(total)),
-                **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                response_length=float(lengths.mean()),
-                refusal_accuracy=_frac([r for r, i in zip(refused, irr, strict=True) if i]),
-                false_refusal_rate=_frac([r for r, i in zip(refused, irr, strict=True)
-                                          if not i]),
-                skipped_updates=skipped,
-            )
-            if loader is not None:
-                metrics["skipped_examples"] = loader.skipped
-            now = time.perf_counter()
-            metrics["step_time"] = now - t_last
-            metrics["tokens_per_s"] = float(lengths.sum()) / metrics["step_time"]
-            t_last = now
-            history.append(metrics)
-            self.log_metrics("grpo", step + 1, metrics)
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}",
-                            kl=f"{metrics.get('kl', 0.0):.3f}")
-            if (step + 1) % c.ckpt_every == 0 or step + 1 == rc.steps or self.stop_requested:
-                self.save("grpo", step + 1, opt_state, rng, _data_state(loader))
-            if self.stop_requested:
-                self.ckpt.wait_until_finished()
-                sys.exit(0)
-        return {"skipped_updates": skipped}
+        with self._committing("PIR-GRPO", loader), bar:
+            for step in bar:
+                if loader is not None:
+                    batch = next(loader)
+                else:
+                    batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
+                                        rc.batch_size, pcfg, data)
+                model = _merge(self.graphdef, self.params, self.frozen)
+                out, inputs = rollout(model, batch, self.mesh, self.rules, num_samples=G,
+                                      max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                                      top_p=rc.top_p, rng=jax.random.fold_in(rng, step))
+                texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
+                         for t, n in zip(out.tokens, out.lengths, strict=True)]
+                meta = [m for m in batch["meta"] for _ in range(G)]
+                fields = {
+                    "windows": [m["windows"] for m in meta],
+                    "relevant": [m["relevant"] for m in meta],
+                    "duration": [m["duration"] for m in meta],
+                }
+                total, parts = rewards_lib.total_reward(
+                    [m["query"] for m in meta], texts, names=names, iou_type=rc.iou_type,
+                    **fmt_kw, **fields)
+                adv = grpo_lib.group_advantages(jnp.asarray(total, jnp.float32), G,
+                                                scale_rewards=rc.scale_rewards)
+                t_len = out.tokens.shape[1]
+                comp_mask = (np.arange(t_len)[None, :] < out.lengths[:, None])
+                start = np.repeat(_decode_start(batch), G)
+                # the update step: prompts and completions sharded over the batch (data, fsdp)
+                rows = functools.partial(shd.shard_rows, mesh=self.mesh, rules=self.rules)
+                completions, cm, st, old = (rows(a) for a in (out.tokens, comp_mask, start,
+                                                              out.logprobs))
+                adv = rows(np.asarray(adv))
+                ref = None
+                if ref_params is not None:
+                    with shd.use_mesh(self.mesh, self.rules):
+                        ref = ref_logps_fn(ref_params, self.frozen, self.graphdef, inputs,
+                                           completions, cm, st, G)
+                for _ in range(rc.num_iterations):
+                    with shd.use_mesh(self.mesh, self.rules):
+                        (loss, m), grads = grad_fn(self.params, self.frozen, self.graphdef, inputs,
+                                                   completions, cm, st, old, ref, adv, gcfg, G)
+                    self.params, opt_state, ok = apply(self.params, opt_state, grads, loss)
+                    if not bool(ok):
+                        skipped += 1
+                        log.warning("GRPO step %d: non-finite loss or gradient, update skipped",
+                                    step)
+                # every host's rows in the logged figures
+                refused = all_rows([rewards_lib.parse_answer(t) == "refuse" for t in texts])
+                irr = all_rows([not r for r in fields["relevant"]])
+                total, lengths = all_rows(total), all_rows(out.lengths)
+                parts = {k: all_rows(v) for k, v in parts.items()}
+                metrics = {k: float(v) for k, v in m.items()}
+                metrics.update(
+                    loss=float(loss), reward=float(np.mean(total)),
+                    **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                    response_length=float(lengths.mean()),
+                    refusal_accuracy=_frac([r for r, i in zip(refused, irr, strict=True) if i]),
+                    false_refusal_rate=_frac([r for r, i in zip(refused, irr, strict=True)
+                                              if not i]),
+                    skipped_updates=skipped,
+                )
+                if loader is not None:
+                    metrics["skipped_examples"] = loader.skipped
+                now = time.perf_counter()
+                metrics["step_time"] = now - t_last
+                metrics["tokens_per_s"] = float(lengths.sum()) / metrics["step_time"]
+                t_last = now
+                history.append(metrics)
+                self.log_metrics("grpo", step + 1, metrics)
+                bar.set_postfix(reward=f"{metrics['reward']:.2f}",
+                                kl=f"{metrics.get('kl', 0.0):.3f}")
+                if ((step + 1) % c.ckpt_every == 0 or step + 1 == rc.steps
+                        or self.stop_requested):
+                    self.save("grpo", step + 1, opt_state, rng, _data_state(loader))
+                if self.stop_requested:
+                    log.warning("stopped at PIR-GRPO step %d: checkpoint saved", step + 1)
+                    return {"skipped_updates": skipped, "preempted": True}
+        return {"skipped_updates": skipped, "preempted": False}
 
     def _restore_reference(self):
         """The frozen reference is the policy at the start of GRPO: the checkpoint saved at the
@@ -769,9 +834,11 @@ class Trainer:
         """HF export; on several hosts every process takes part (tensors are gathered one at
         a time) and process 0 writes."""
         model = _merge(self.graphdef, self.params, self.frozen)
-        save_pretrained(model, path)
-        if self.is_main:
-            (path / SETTINGS_FILE).write_text(json.dumps(settings_dict(self.config), indent=2))
+        with fileio.replace_dir(path, write=self.is_main) as stage:  # all or nothing
+            save_pretrained(model, stage)
+            if self.is_main:
+                (stage / SETTINGS_FILE).write_text(json.dumps(settings_dict(self.config),
+                                                              indent=2))
 
 
 # ============================================================================ helpers
@@ -922,42 +989,51 @@ def plot_timeline(rows: list[dict], out: Path, n: int = 16) -> Path:
 
 # ============================================================================ entry point
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train (resuming when the workdir has checkpoints), export, evaluate and report."""
+    """Train (resuming when the workdir has checkpoints), export, evaluate and report.
+
+    Returns the report, or `{"preempted": True, ...}` when SIGTERM stopped training (the
+    checkpoint it saved is committed: rerun with the same workdir to resume). Whatever way it
+    returns or raises, every checkpoint it started is committed and every file it wrote
+    (metrics, TensorBoard events, evaluations, export, report) is complete on disk."""
     workdir = Path(workdir).absolute()  # Orbax wants absolute paths
     main = jax.process_index() == 0  # only process 0 writes logs, plots, report, export
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        fileio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
     data = prepare_data(config, workdir)
-    trainer = Trainer(config, workdir)
-    report: dict[str, Any] = {"baseline": baseline_constant_window(data.train, data.val)}
-    rows_by_stage: dict[str, list] = {}
+    with Trainer(config, workdir) as trainer:
+        report: dict[str, Any] = {"baseline": baseline_constant_window(data.train, data.val)}
+        rows_by_stage: dict[str, list] = {}
 
-    def after_stage(stage: str) -> None:
-        path = workdir / f"eval_{stage}.json"
-        if path.exists():  # evaluated before a restart
-            report[stage] = json.loads(path.read_text())
-            return
-        metrics, rows = trainer.evaluate(data)
-        report[stage] = metrics
-        rows_by_stage[stage] = rows
-        if main:
-            path.write_text(json.dumps(metrics, indent=2))
-        log.info("%s: %s", stage, {k: report[stage][k] for k in REPORT_KEYS})
+        def after_stage(stage: str) -> None:
+            path = workdir / f"eval_{stage}.json"
+            if path.exists():  # evaluated before a restart
+                report[stage] = json.loads(path.read_text())
+                return
+            metrics, rows = trainer.evaluate(data)
+            report[stage] = metrics
+            rows_by_stage[stage] = rows
+            if main:
+                fileio.write_text(path, json.dumps(metrics, indent=2))
+            log.info("%s: %s", stage, {k: report[stage][k] for k in REPORT_KEYS})
 
-    trainer.run(data, after_stage)
-    last = [s.strip() for s in config.stages.split(",")][-1]
-    rows = rows_by_stage.get(last) or trainer.evaluate(data)[1]
-    trainer.export(workdir / "hf")  # every process: it gathers one tensor at a time
+        if trainer.run(data, after_stage)["preempted"]:
+            step = trainer.ckpt.latest_step()
+            log.warning("preempted: checkpoint %s committed; rerun with --workdir %s to resume",
+                        step, workdir)
+            return {"preempted": True, "checkpoint": step}
+        last = [s.strip() for s in config.stages.split(",")][-1]
+        rows = rows_by_stage.get(last) or trainer.evaluate(data)[1]
+        trainer.export(workdir / "hf")  # every process: it gathers one tensor at a time
     if main:
         plot_curves(workdir)
         plot_timeline(rows, workdir / "timeline.png")
-        with open(workdir / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        fileio.write_text(workdir / "predictions.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in rows))
     report["wall_time_s"] = round(time.perf_counter() - t0, 1)
     if main:
-        (workdir / "report.json").write_text(json.dumps(report, indent=2))
+        fileio.write_text(workdir / "report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -978,7 +1054,7 @@ def main(argv=None) -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)
         distributed.initialize(force=flags.FLAGS.multihost)
         report = run(flags.FLAGS.config, flags.FLAGS.workdir)
-        print(json.dumps(report))
+        print(json.dumps(report))  # preempted: exit 0 after the committed checkpoint
 
     app.run(_main, argv=argv)
 

@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny model: a short SFT -> PIR-GRPO run with its report, an
-exact resume after SIGTERM, and the non-finite-loss guard."""
+exact resume after SIGTERM, committed checkpoints on every way out (Orbax's commit slowed on
+purpose, as on a loaded machine), and the non-finite-loss guard."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import slow_commit
 
+from tempo_jax import export as export_lib
 from tempo_jax import train as train_lib
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.safetensors_io import CheckpointReader
@@ -45,9 +48,18 @@ def _flags(over: dict) -> list[str]:
     return [f"--config.{k}={v}" for k, v in {**SMALL, **over}.items()]
 
 
+COMMIT_DELAY = 2.0  # seconds added to every checkpoint commit in these tests
+
+
 def _run(cmd, env):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _env() -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                           os.environ.get("PYTHONPATH", "")])}
 
 
 def _final_params(workdir: Path) -> dict:
@@ -55,15 +67,70 @@ def _final_params(workdir: Path) -> dict:
     return {k: r.read(k) for k in r.keys()}
 
 
+def _ckpt_dirs(workdir: Path) -> list[str]:
+    """What is under ckpt/ right now, committed or not (a `*-tmp` entry is a save in flight
+    or one that never committed)."""
+    return sorted((p.name for p in (workdir / "ckpt").iterdir()), key=lambda n: (len(n), n))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)).max())
+               for k in a)
+
+
+def _model_params(model) -> dict:
+    from flax import nnx
+
+    return {"/".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _tb_scalars(workdir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar in the TensorBoard event files (TFRecord framing: length,
+    its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for f in sorted((workdir / "tb").glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12:i + 12 + n])
+            out += [(v.tag, ev.step) for v in ev.summary.value]
+            i += 12 + n + 4
+    return out
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """The short SFT -> PIR-GRPO run, every checkpoint commit slowed by COMMIT_DELAY."""
     workdir = tmp_path_factory.mktemp("run")
-    report = train_lib.run(small_config(), workdir)
-    return workdir, report
+    with pytest.MonkeyPatch.context() as mp:
+        slow_commit.install(COMMIT_DELAY, mp)
+        report = train_lib.run(small_config(), workdir)
+        listing = _ckpt_dirs(workdir)  # as `run` left it, before anything else can wait
+    return workdir, report, listing
+
+
+def test_run_returns_with_its_last_checkpoint_committed(demo_run):
+    """`train.run` returns only once the final checkpoint is committed (with every commit
+    slowed by 2 s, it used to return with `8.orbax-checkpoint-tmp` and lose it at exit), and
+    that checkpoint holds the parameters the run ended with (its HF export)."""
+    workdir, _, listing = demo_run
+    last = SMALL["sft.steps"] + SMALL["rl.steps"]
+    assert listing == ["6", str(last)], listing  # ckpt_keep = 2, nothing left uncommitted
+    assert export_lib.available_steps(workdir) == [6, last]
+    _, model = export_lib.load_workdir(workdir)
+    from tempo_jax.models.qwen2_5_vl import load_pretrained
+
+    exported = _model_params(load_pretrained(workdir / "hf", dtype=jnp.float32))
+    assert _max_diff(_model_params(model), exported) == 0.0
 
 
 def test_short_run_writes_report_plots_and_export(demo_run):
-    workdir, report = demo_run
+    workdir, report, _ = demo_run
     saved = json.loads((workdir / "report.json").read_text())
     for part in ("baseline", "sft", "grpo"):
         for key in ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate"):
@@ -85,7 +152,11 @@ def test_short_run_writes_report_plots_and_export(demo_run):
     settings = json.loads((hf / "tempo_settings.json").read_text())
     assert settings["prompt"]["textual_timestamps"] is True
     assert settings["saa"]["max_visual_tokens"] == SMALL["saa.max_visual_tokens"]
-    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    # every scalar of metrics.jsonl reached the TensorBoard event file before `run` returned
+    expected = sorted((f"{r['stage']}/{k}", r["step"]) for r in rows for k in r
+                      if k not in ("stage", "step"))
+    assert sorted(_tb_scalars(workdir)) == expected
+    assert not list(workdir.glob(".*partial*"))  # no staging file or directory left behind
     # every checkpoint carries the same settings in its metadata
     ckpts = sorted((workdir / "ckpt").iterdir())
     assert ckpts
@@ -98,18 +169,21 @@ def test_short_run_writes_report_plots_and_export(demo_run):
 def test_sigterm_then_restart_equals_uninterrupted(demo_run, tmp_path, cached):
     """A run killed with SIGTERM mid-SFT and restarted ends with the same parameters: with
     in-memory examples (batches a function of the step) and with the streaming Grain loader
-    (its iterator position restored from the checkpoint)."""
+    (its iterator position restored from the checkpoint). Every run's commits are slowed:
+    `python -m tempo_jax.train` exits, after SIGTERM or at the end, only once its last
+    checkpoint is committed."""
     data = demo_run[0] / "data"
     over = {"stages": "sft", "sft.steps": 10, "ckpt_every": 100,
             "data.cache_examples": cached}
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "tempo_jax.train"]
+    env = _env()
+    cmd = slow_commit.command(COMMIT_DELAY)
     runs = {}
     for name in ("straight", "killed"):
         wd = tmp_path / name
         shutil.copytree(data, wd / "data")  # same synthetic videos, no regeneration
         runs[name] = wd
     _run(cmd + _flags(over) + [f"--workdir={runs['straight']}"], env)
+    assert _ckpt_dirs(runs["straight"]) == ["10"]
     proc = subprocess.Popen(cmd + _flags(over) + [f"--workdir={runs['killed']}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = runs["killed"] / "metrics.jsonl"
@@ -123,12 +197,57 @@ def test_sigterm_then_restart_equals_uninterrupted(demo_run, tmp_path, cached):
     assert proc.returncode == 0, err.decode()[-2000:]
     steps_before = len(metrics.read_text().splitlines())
     assert steps_before < 10 and not (runs["killed"] / "report.json").exists()
+    assert _ckpt_dirs(runs["killed"]) == [str(steps_before)]  # the SIGTERM save, committed
     _run(cmd + _flags(over) + [f"--workdir={runs['killed']}"], env)
+    assert _ckpt_dirs(runs["killed"]) == [str(steps_before), "10"]
     a, b = _final_params(runs["straight"]), _final_params(runs["killed"])
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max())
                 for k in a)
     assert worst <= 1e-6, worst
+
+
+def test_error_mid_run_commits_earlier_checkpoints_and_resumes(demo_run, tmp_path,
+                                                               monkeypatch, caplog):
+    """An exception escaping the SFT loop at step 5 (the step-4 save still committing, slowed
+    by 2 s) leaves checkpoints 2 and 4 committed, is logged and re-raised. A save that never
+    committed (a `-tmp` directory, as a kill mid-save leaves) is never listed, restored or
+    exported, and asking for it says so. The restart resumes from step 4."""
+    wd = tmp_path / "err"
+    shutil.copytree(demo_run[0] / "data", wd / "data")
+    config = small_config(stages="sft", **{"sft.steps": 6, "ckpt_every": 2})
+    slow_commit.install(COMMIT_DELAY, monkeypatch)
+    log_metrics = train_lib.Trainer.log_metrics
+
+    def failing(self, stage, step, metrics):
+        if step == 5:
+            raise RuntimeError("injected failure at step 5")
+        return log_metrics(self, stage, step, metrics)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_lib.Trainer, "log_metrics", failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            train_lib.run(config, wd)
+    assert _ckpt_dirs(wd) == ["2", "4"]
+    assert "SFT stopped by RuntimeError: injected failure at step 5" in caplog.text
+    _, model = export_lib.load_workdir(wd, step=4)
+    assert all(np.isfinite(v).all() for v in _model_params(model).values())
+
+    # a save of step 6 that never committed
+    shutil.copytree(wd / "ckpt" / "4", wd / "ckpt" / "6.orbax-checkpoint-tmp")
+    assert export_lib.available_steps(wd) == [2, 4]
+    with pytest.raises(ValueError, match="step 6 is incomplete"):
+        export_lib.load_workdir(wd, step=6)
+    with pytest.raises(ValueError, match="no checkpoint at step 5"):
+        export_lib.load_workdir(wd, step=5)
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tempo_jax.train"):
+        train_lib.run(config, wd)
+    assert "resuming from checkpoint 4" in caplog.text
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert _ckpt_dirs(wd) == ["4", "6"]  # the stale -tmp removed, step 6 committed
 
 
 def test_non_finite_loss_skips_the_update(demo_run, tmp_path, monkeypatch, caplog):
@@ -142,19 +261,18 @@ def test_non_finite_loss_skips_the_update(demo_run, tmp_path, monkeypatch, caplo
 
     monkeypatch.setattr(train_lib, "sft_loss", poisoned)
     config = small_config(stages="sft", **{"sft.steps": 3})
-    trainer = train_lib.Trainer(config, wd)
-    before = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
-    data = train_lib.prepare_data(config, wd)
-    out = trainer.run_sft(data, 0, None)
-    trainer.ckpt.wait_until_finished()
-    assert out["skipped_updates"] == 3
-    assert "non-finite" in caplog.text
-    for k, v in trainer.params.flat_state():
-        np.testing.assert_array_equal(np.asarray(v), before[k])
-    # the checkpoint holds the untouched parameters, never NaN
-    restored = trainer._restore_params(trainer.ckpt.latest_step())
-    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
-    assert all(np.isfinite(x).all() for x in leaves)
+    with train_lib.Trainer(config, wd) as trainer:  # closed: commits awaited
+        before = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
+        data = train_lib.prepare_data(config, wd)
+        out = trainer.run_sft(data, 0, None)  # returns with its checkpoint committed
+        assert out["skipped_updates"] == 3
+        assert "non-finite" in caplog.text
+        for k, v in trainer.params.flat_state():
+            np.testing.assert_array_equal(np.asarray(v), before[k])
+        # the checkpoint holds the untouched parameters, never NaN
+        restored = trainer._restore_params(trainer.ckpt.latest_step())
+        leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
+        assert all(np.isfinite(x).all() for x in leaves)
 
 
 def test_streaming_run_skips_a_corrupt_video_and_counts_it(demo_run, tmp_path):
@@ -216,27 +334,27 @@ def test_pir_resampled_pairs_equal_loaded_ones(demo_run, tmp_path):
     wd = tmp_path / "pir"
     shutil.copytree(demo_run[0] / "data", wd / "data")
     config = small_config(**{"data.pir_resample": True, "data.irrelevant_ratio": 0.5})
-    trainer = train_lib.Trainer(config, wd)
-    data = train_lib.prepare_data(config, wd)
-    assert all(r["relevant"] for r in data.train) and data.pir_ratio == 0.5
-    pcfg = train_lib.pipeline_config(config, batch_size=4)
-    examples = trainer._examples(data, "train", pcfg)
-    by_qid = {r["qid"]: r for r in data.train}
-    seen = set()
-    for step in range(6):
-        for ex in trainer._pick(examples, np.random.default_rng([0, 1, step]), 8, data, pcfg):
-            if ex["relevant"]:
-                continue
-            own_qid, donor_qid = ex["qid"].split("|pir:")
-            own = by_qid[own_qid]
-            seen.add(ex["qid"])
-            assert query_colour(ex["query"]) not in own["colours"]
-            rec = {**own, "query": by_qid[donor_qid]["query"], "windows": [], "relevant": False}
-            ref = load_example(rec, VideoIndex(data.video_root), load_tokenizer(None), pcfg,
-                               trainer.model.config.vision)
-            for key in ("input_ids", "position_ids", "loss_mask", "pixel_values"):
-                np.testing.assert_array_equal(ex[key], ref[key])
-    assert len(seen) >= 4  # new pairings across steps, not one fixed set
+    with train_lib.Trainer(config, wd) as trainer:  # closed: commits awaited
+        data = train_lib.prepare_data(config, wd)
+        assert all(r["relevant"] for r in data.train) and data.pir_ratio == 0.5
+        pcfg = train_lib.pipeline_config(config, batch_size=4)
+        examples = trainer._examples(data, "train", pcfg)
+        by_qid = {r["qid"]: r for r in data.train}
+        seen = set()
+        for step in range(6):
+            for ex in trainer._pick(examples, np.random.default_rng([0, 1, step]), 8, data, pcfg):
+                if ex["relevant"]:
+                    continue
+                own_qid, donor_qid = ex["qid"].split("|pir:")
+                own = by_qid[own_qid]
+                seen.add(ex["qid"])
+                assert query_colour(ex["query"]) not in own["colours"]
+                rec = {**own, "query": by_qid[donor_qid]["query"], "windows": [], "relevant": False}
+                ref = load_example(rec, VideoIndex(data.video_root), load_tokenizer(None), pcfg,
+                                   trainer.model.config.vision)
+                for key in ("input_ids", "position_ids", "loss_mask", "pixel_values"):
+                    np.testing.assert_array_equal(ex[key], ref[key])
+        assert len(seen) >= 4  # new pairings across steps, not one fixed set
 
 
 @pytest.mark.parametrize("pad_side", ["left", "right"])

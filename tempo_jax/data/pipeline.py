@@ -247,6 +247,12 @@ class Loader:
     def skipped(self) -> int:
         return self.skip_counter.count
 
+    def close(self) -> None:
+        """Stop the worker processes (Grain's multiprocess prefetch) now, not at exit."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
 
 def make_loader(
     records: Sequence[dict],
