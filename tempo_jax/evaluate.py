@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tempo_jax import fileio
+from tempo_jax.cli import skipped_summary
 from tempo_jax.metrics import (
     QVH_IOU_THRESHOLDS,
     QVH_SALIENCY_LEVELS,
@@ -194,15 +195,17 @@ def default_annotations(dataset: str, split: str, video_root: str | None) -> Pat
 
 
 def load_records(dataset: str, path, charades_durations: str | None = None) -> list[dict]:
+    """The records of an annotation file (a `sources.Records` list: bad lines skipped, kept
+    in its `skipped`)."""
     from tempo_jax.data import sources
 
     if dataset == "qvhighlights":
-        return list(sources.load_qvhighlights(path, strict=False))
+        return sources.load_qvhighlights(path, strict=False)
     if dataset == "charades":
         if not charades_durations:
             raise ValueError("charades needs --charades-durations (Charades_v1_{split}.csv)")
-        return list(sources.load_charades_sta(path, charades_durations, strict=False))
-    return list(sources.load_jsonl(path, strict=False))
+        return sources.load_charades_sta(path, charades_durations, strict=False)
+    return sources.load_jsonl(path, strict=False)
 
 
 def submission_row(record: dict, parsed) -> dict:
@@ -406,13 +409,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run `run`: load the model and records, answer, score, print the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-read INFO lines
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
+    if not Path(args.video_root).is_dir():
+        raise FileNotFoundError(f"--video-root {args.video_root}: no such directory")
     ann = Path(args.annotations) if args.annotations else default_annotations(
         args.dataset, args.split, args.video_root)
+    if not ann.is_file():
+        raise FileNotFoundError(f"--annotations {ann}: no such file")
     records = load_records(args.dataset, ann, args.charades_durations)
+    if not records:
+        why = [f"{s.path}:{s.line}: {s.reason}" for s in getattr(records, "skipped", [])]
+        raise ValueError(f"{ann}: no usable example, every line was skipped: "
+                         f"{skipped_summary(why)}")
     if args.limit:
         records = records[:args.limit]
-    if not records:
-        raise ValueError(f"{ann}: no readable records")
     metrics = evaluate_model(
         args.checkpoint, records, args.video_root, args.out, dataset=args.dataset,
         step=args.step, overrides=args.overrides, batch_size=args.batch_size,

@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -46,6 +45,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from tempo_jax import sharding as shd
+from tempo_jax.cli import UsageError, apply_overrides, load_config
 from tempo_jax.models.attention import resolve_backend
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig
 
@@ -135,49 +135,6 @@ def mesh_str(mesh: dict[str, int]) -> str:
 def abstract_mesh(mesh: dict[str, int]) -> AbstractMesh:
     """A mesh of the given shape without devices: `logical_to_spec` only reads its shape."""
     return AbstractMesh(tuple(mesh.get(a, 1) for a in shd.MESH_AXES), shd.MESH_AXES)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/file.py:arg` -> `get_config(arg)`; a path that does not exist from here is
-    looked up among the configs shipped in the package (so `configs/tempo_r0.py:7b` works
-    from any directory)."""
-    path, _, arg = spec.partition(":")
-    p = Path(path)
-    if not p.exists():
-        shipped = Path(__file__).parent / "configs" / p.name
-        if not shipped.exists():
-            raise FileNotFoundError(f"config file {path!r} not found")
-        p = shipped
-    mod_spec = importlib.util.spec_from_file_location(f"_tempo_plan_cfg_{p.stem}", p)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """`--config.rl.beta=0` style overrides (as `tempo_jax.train` takes them), typed by the
-    field they replace."""
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not key.startswith("--config.") or not eq:
-            raise ValueError(f"unrecognised argument {item!r} (overrides look like "
-                             "--config.rl.beta=0)")
-        *parents, leaf = key[len("--config."):].split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        old = node[leaf]
-        if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"{key} expects true/false, got {value!r}")
-            new: Any = value.lower() in ("true", "1")
-        elif isinstance(old, int):
-            new = int(value)
-        elif isinstance(old, float):
-            new = float(value)
-        else:
-            new = value
-        node[leaf] = new
 
 
 def config_rules(config: ml_collections.ConfigDict) -> shd.Rules:
@@ -1134,10 +1091,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         mesh = parse_mesh(args.mesh)
     except ValueError as e:
         parser.error(str(e))
-    config = load_config(args.config)
     try:
+        config = load_config(args.config)
         apply_overrides(config, rest)
-    except (ValueError, KeyError, AttributeError) as e:
+    except UsageError as e:
         parser.error(str(e))
     p = run(config, mesh, args.chip, args.method, args.aot_timeout)
     print(format_plan(p))

@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tempo_jax import fileio
+from tempo_jax import cli, fileio
 from tempo_jax import sharding as shd
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
@@ -41,6 +42,7 @@ from tempo_jax.data.pipeline import (
     config_from_settings,
     load_example,
     make_loader,
+    with_query,
 )
 from tempo_jax.data.sources import VideoIndex, load_charades_sta, load_jsonl, load_qvhighlights
 from tempo_jax.data.sources import make_pir as make_pir_pairs
@@ -126,13 +128,31 @@ class Data:
     pir_compatible: Any = None
 
 
-def _load_records(config, path):
-    src = config.data.source
+def _load_records(config, which: str):
+    """The annotation records of `data.<which>` (bad lines skipped and logged); a missing
+    file, or one without a usable line, is the user's error (one line naming the file)."""
+    src, path = config.data.source, config.data[which]
+    if src not in ("qvhighlights", "charades", "jsonl"):
+        raise cli.UsageError(f"--config.data.source={src}: expected synthetic, qvhighlights, "
+                             "charades or jsonl")
+    if not path:
+        raise cli.UsageError(f"--config.data.{which}: no annotation file given "
+                             f"(data.source={src})")
+    from etils import epath
+
+    if not epath.Path(path).is_file():
+        raise cli.UsageError(f"--config.data.{which}={path}: no such file")
     if src == "qvhighlights":
-        return load_qvhighlights(path, strict=False)
-    if src == "charades":
-        return load_charades_sta(path, config.data.charades_durations, strict=False)
-    return load_jsonl(path, strict=False)
+        records = load_qvhighlights(path, strict=False)
+    elif src == "charades":
+        records = load_charades_sta(path, config.data.charades_durations, strict=False)
+    else:
+        records = load_jsonl(path, strict=False)
+    if not records:
+        why = [f"{s.path}:{s.line}: {s.reason}" for s in records.skipped]
+        raise cli.UsageError(f"{path}: no usable example, every line was skipped: "
+                             f"{cli.skipped_summary(why)}")
+    return records
 
 
 def prepare_data(config, workdir: Path) -> Data:
@@ -161,8 +181,7 @@ def prepare_data(config, workdir: Path) -> Data:
         video_root = str(root)
         compatible = different_colours  # a donor of the same colour would be a true match
     else:
-        train, val = _load_records(config, config.data.train), _load_records(
-            config, config.data.val)
+        train, val = _load_records(config, "train"), _load_records(config, "val")
         video_root = config.data.video_root
         compatible = None
     if config.data.cache_examples and config.data.get("pir_resample", False):
@@ -179,15 +198,18 @@ def _load_all(records, video_root, pcfg, vision, desc) -> list[dict]:
 
     tok = prompts_lib.load_tokenizer(pcfg.tokenizer_path)
     videos = VideoIndex(video_root)
-    out, skipped = [], 0
+    out, skipped = [], []
     for r in tqdm(records, desc=desc, unit="video", file=sys.stdout, mininterval=2):
         try:
             out.append(load_example(r, videos, tok, pcfg, vision))
         except (ValueError, FileNotFoundError) as e:
-            skipped += 1
-            log.warning("skipping %s: %s", r.get("qid"), e)
+            skipped.append(f"{r.get('qid')}: {' '.join(str(e).split())}")
+            log.warning("skipping %s", skipped[-1])
     if skipped:
-        log.warning("%s: skipped %d of %d examples", desc, skipped, len(records))
+        log.warning("%s: skipped %d of %d examples", desc, len(skipped), len(records))
+    if not out:
+        raise cli.UsageError(f"{desc} under {video_root}: no example could be loaded, "
+                             f"{cli.skipped_summary(skipped)}")
     return out
 
 
@@ -569,14 +591,8 @@ class Trainer:
                 break
         else:
             raise ValueError(f"no compatible PIR donor for {ex['qid']!r}")
-        vision = self.model.config.vision
-        answer = (prompts_lib.format_answer(None, pcfg.prompt) if pcfg.with_answer else None)
-        built = prompts_lib.build_prompt(
-            self.tokenizer, donor["query"], ex["frame_times"][0::vision.temporal_patch_size],
-            ex["video_grid_thw"], pcfg.prompt, answer=answer,
-            spatial_merge_size=vision.spatial_merge_size,
-            tokens_per_second=vision.tokens_per_second)
-        return {**ex, **built, "query": donor["query"], "windows": [], "relevant": False,
+        pair = with_query(ex, donor["query"], self.tokenizer, pcfg, self.model.config.vision)
+        return {**pair, "windows": [], "relevant": False,
                 "qid": f"{ex['qid']}|pir:{donor['qid']}"}
 
     def _record(self, data: Data, qid: str) -> dict:
@@ -1037,27 +1053,39 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return report
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`python -m tempo_jax.train [--config FILE:ARG] [--workdir DIR] [--config.a.b=V ...]`.
 
-    default_cfg = str(Path(__file__).parent / "configs" / "tempo_r0.py") + ":tiny"
-    config_flags.DEFINE_config_file("config", default_cfg, "experiment config (file:arg)")
-    flags.DEFINE_string("workdir", "runs/demo", "checkpoints, logs, plots, report")
-    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (auto-detected "
-                      "from JAX_COORDINATOR_ADDRESS, SLURM and TPU pod variables otherwise)")
+    A mistake in the arguments or the data (an unknown config size or field, a value of the
+    wrong type, an annotation file with no usable line) is one `error:` line and exit
+    status 2; SIGTERM exits 0 once its checkpoint is committed."""
+    import argparse
 
-    def _main(_):
-        from tempo_jax import distributed
+    from absl import flags
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        logging.getLogger("absl").setLevel(logging.WARNING)
-        distributed.initialize(force=flags.FLAGS.multihost)
-        report = run(flags.FLAGS.config, flags.FLAGS.workdir)
-        print(json.dumps(report))  # preempted: exit 0 after the committed checkpoint
+    from tempo_jax import distributed
 
-    app.run(_main, argv=argv)
+    ap = argparse.ArgumentParser(
+        prog="python -m tempo_jax.train",
+        description="SFT then PIR-GRPO; any config field can be overridden with "
+                    "--config.SECTION.FIELD=VALUE (e.g. --config.rl.beta=0).")
+    ap.add_argument("--config", default=cli.DEFAULT_CONFIG,
+                    help="config file and argument (default: the tiny CPU demo, %(default)s)")
+    ap.add_argument("--workdir", default="runs/demo", help="checkpoints, logs, plots, report")
+    ap.add_argument("--multihost", action="store_true",
+                    help="call jax.distributed.initialize() (auto-detected from "
+                         "JAX_COORDINATOR_ADDRESS, SLURM and TPU pod variables otherwise)")
+    args, rest = ap.parse_known_args(argv)
+    config = cli.load_config(args.config)
+    cli.apply_overrides(config, rest)
+    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    distributed.initialize(force=args.multihost)
+    report = run(config, args.workdir)
+    print(json.dumps(report))  # preempted: exit 0 after the committed checkpoint
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

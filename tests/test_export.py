@@ -311,3 +311,67 @@ def test_greedy_decoding_continues_eta_positions(workdir, exported, torch_model,
     diff = np.abs(_chosen_logprobs(logits, cached) - logps).max()
     print(f"[export] max |log-prob diff| of {n} decoded tokens vs our sampler: {diff:.2e}")
     assert diff <= LOGP_TOL
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_answers_as_evaluate_run_does(workdir, tmp_path, capsys):
+    """`python -m tempo_jax.predict` on (video, query) pairs gives, query for query, the
+    answer `evaluate run` gives (same settings, same sampler, same batches), decodes each
+    video once, and draws one picture per video."""
+    from tempo_jax import evaluate as ev
+    from tempo_jax import predict
+
+    val = workdir / "data" / "val"
+    records = list(ev.load_records("jsonl", val / "annotations.jsonl"))
+    ev.evaluate_model(workdir, records, str(val), tmp_path / "eval", batch_size=4,
+                      max_new_tokens=EVAL_TOKENS, timeline=0)
+    answers = {r["qid"]: r for r in map(json.loads,
+                                        (tmp_path / "eval" / "answers.jsonl").open())}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"video": str(val / r["video"]), "query": r["query"]})
+                             + "\n" for r in records))
+    png = tmp_path / "answers.png"
+    capsys.readouterr()  # the evaluator's progress
+    code = predict.main(["--checkpoint", str(workdir), str(pairs), "--json", "--batch-size", "4",
+                         "--max-new-tokens", str(EVAL_TOKENS), "--png", str(png)])
+    assert code == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == len(records) >= 4
+    for row, rec in zip(rows, records, strict=True):
+        want = answers[rec["qid"]]
+        assert row["answer"] == want["answer"], (rec["qid"], row["answer"], want["answer"])
+        parsed = want["parsed"]
+        assert row["window"] == (parsed if isinstance(parsed, list) else None)
+        assert row["refused"] == (parsed == "refuse")
+        assert row["frame_times"] and row["frame_times"] == sorted(row["frame_times"])
+    assert any(r["answer"].startswith("<answer>") for r in rows)
+    videos = sorted({Path(r["video"]).stem for r in records})
+    for stem in videos:
+        assert (tmp_path / f"answers-{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_folder_and_a_broken_video(workdir, tmp_path, capsys):
+    """A folder: every video asked every query, one line each; a broken video among them is
+    reported on one line and the others are still answered (exit status 1)."""
+    import shutil
+
+    from tempo_jax import predict
+
+    folder = tmp_path / "videos"
+    shutil.copytree(workdir / "data" / "val" / "videos", folder)
+    (folder / "zz_broken.mp4").write_bytes(b"not a video" * 50)
+    queries = ["when does the red circle move to the left?", "a blue square shows up"]
+    code = predict.main(["--checkpoint", str(workdir), str(folder), *queries,
+                         "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    n_videos = len(list(folder.glob("*.mp4")))
+    assert code == 1
+    assert len(lines) == n_videos * len(queries)
+    assert all(" -> " in x for x in lines)
+    broken = [x for x in lines if "zz_broken" in x]
+    assert len(broken) == 2 and all("error:" in x for x in broken)
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "zz_broken.mp4" in errors[0]  # one line for the video

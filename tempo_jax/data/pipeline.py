@@ -73,13 +73,15 @@ def plan_video(info: Any, cand_times: np.ndarray, grey: np.ndarray,
 
 
 def load_example(
-    record: dict, videos: VideoIndex, tokenizer, cfg: PipelineConfig, vision: VisionConfig
+    record: dict, videos: VideoIndex, tokenizer, cfg: PipelineConfig, vision: VisionConfig,
+    *, keep_frames: bool = False,
 ) -> dict[str, Any]:
     """One record -> prompt tokens, positions, loss mask and patches (numpy).
 
     The frame times in the prompt (ETA) and in `frame_times` are the real times of the frames
     used, which `read_for_saa` takes from the frames it kept on its candidate grid (within
-    half a grid step of the planned times).
+    half a grid step of the planned times). `keep_frames` also keeps those frames (uint8,
+    at the model's resolution) as `frames`, for pictures of what the model saw.
     """
     path = videos.find(record["video"])
     read = read_for_saa(
@@ -93,15 +95,8 @@ def load_example(
     pixels, grids = process_segments(read.frames, plan.resized_hw,
                                      temporal_patch_size=vision.temporal_patch_size)
     relevant = bool(record.get("relevant", True))
-    answer = None
-    if cfg.with_answer:
-        window = tuple(record["windows"][0]) if relevant and record["windows"] else None
-        answer = prompts_lib.format_answer(window, cfg.prompt)
-    ex = prompts_lib.build_prompt(
-        tokenizer, record["query"], pts[0::vision.temporal_patch_size], grids, cfg.prompt,
-        answer=answer, spatial_merge_size=vision.spatial_merge_size,
-        tokens_per_second=vision.tokens_per_second,
-    )
+    window = tuple(record["windows"][0]) if relevant and record.get("windows") else None
+    ex = _prompt(tokenizer, record["query"], pts, grids, cfg, vision, window)
     ex["pixel_values"] = pixels
     ex["qid"] = str(record.get("qid", ""))
     ex["video"] = str(record["video"])
@@ -110,7 +105,28 @@ def load_example(
     ex["duration"] = float(record.get("duration") or info.duration)
     ex["relevant"] = relevant
     ex["frame_times"] = pts
+    if keep_frames:
+        ex["frames"] = read.frames
     return ex
+
+
+def with_query(ex: dict, query: str, tokenizer, cfg: PipelineConfig, vision: VisionConfig,
+               window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """`ex`'s processed video asked `query` instead (answer `window`, None: a refusal):
+    only the text is rebuilt, exactly as `load_example` builds it, so another question
+    about a video costs a tokenization, not a decode."""
+    built = _prompt(tokenizer, query, ex["frame_times"], ex["video_grid_thw"], cfg, vision,
+                    window)
+    return {**ex, **built, "query": query}
+
+
+def _prompt(tokenizer, query: str, frame_times, grids, cfg: PipelineConfig,
+            vision: VisionConfig, window) -> dict[str, Any]:
+    answer = prompts_lib.format_answer(window, cfg.prompt) if cfg.with_answer else None
+    return prompts_lib.build_prompt(
+        tokenizer, query, np.asarray(frame_times)[0::vision.temporal_patch_size], grids,
+        cfg.prompt, answer=answer, spatial_merge_size=vision.spatial_merge_size,
+        tokens_per_second=vision.tokens_per_second)
 
 
 class LoadExample(grain.transforms.Map):
@@ -254,6 +270,12 @@ class Loader:
             close()
 
 
+def batch_patch_capacity(cfg: PipelineConfig, vision: VisionConfig) -> int:
+    """Patches of a batch whose every video fills the visual-token budget: the loader's
+    static patch dimension (one compilation for every batch)."""
+    return cfg.batch_size * vision.merge_unit * cfg.saa.max_visual_tokens
+
+
 def make_loader(
     records: Sequence[dict],
     video_root: str,
@@ -290,7 +312,7 @@ def make_loader(
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     counter = SkipCounter()
     it = it.filter(counter)
-    capacity = patch_capacity or cfg.batch_size * vision.merge_unit * cfg.saa.max_visual_tokens
+    capacity = patch_capacity or batch_patch_capacity(cfg, vision)
     it = it.batch(cfg.batch_size,
                   batch_fn=lambda exs: collate(exs, cfg, vision, patch_capacity=capacity))
     return Loader(it, counter)

@@ -480,7 +480,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--sweep-seconds", type=float, default=2.0,
                     help="seconds per lane crossing of an object (0: one per window)")
     args = ap.parse_args(argv)
-    spec = SyntheticSpec(
+    if args.num < 1:
+        ap.error(f"--num must be >= 1, got {args.num}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out}: exists and is not a directory")
+    try:
+        spec = _spec(args)
+    except ValueError as e:  # the spec's own checks name the bad values
+        ap.error(str(e))
+    path = generate(args.out, spec, progress=True)
+    print(path)
+    return path
+
+
+def _spec(args: argparse.Namespace) -> SyntheticSpec:
+    return SyntheticSpec(
         num=args.num,
         seed=args.seed,
         width=args.width,
@@ -495,9 +509,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
         background_drift=args.background_drift,
         sweep_seconds=args.sweep_seconds,
     )
-    path = generate(args.out, spec, progress=True)
-    print(path)
-    return path
 
 
 if __name__ == "__main__":

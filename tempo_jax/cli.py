@@ -1,0 +1,109 @@
+"""What the command lines share: a user's mistake becomes one `error:` line and a non-zero
+exit (internal errors keep their tracebacks), and the experiment config is named and
+overridden the same way everywhere (`--config FILE:ARG --config.rl.beta=0`)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import ml_collections
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = f"{CONFIG_DIR / 'tempo_r0.py'}:tiny"
+USAGE_EXIT = 2
+
+
+class UsageError(ValueError):
+    """A user's mistake (a flag, an input file, a line in it): the message is one line that
+    names the flag, file or line and what is wrong."""
+
+
+def fail(message: str, code: int = USAGE_EXIT) -> NoReturn:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_main(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()
+             ) -> NoReturn:
+    """`sys.exit(main())`, with `UsageError` (and `user_errors`) printed as one line."""
+    try:
+        code = main()
+    except (UsageError, *user_errors) as e:
+        fail(str(e))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def skipped_summary(reasons: Sequence[str], first: int = 3) -> str:
+    """`N skipped (first: a; b; c)`: how much input was dropped and why, in one line."""
+    if not reasons:
+        return "0 skipped"
+    more = "; ..." if len(reasons) > first else ""
+    return f"{len(reasons)} skipped (first: {'; '.join(reasons[:first])}{more})"
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/file.py:arg` -> `get_config(arg)`. A path that does not exist from here is
+    looked up among the configs shipped in the package, so `configs/tempo_r0.py:7b` works
+    from any directory."""
+    path, _, arg = spec.partition(":")
+    p = Path(path)
+    if not p.is_file():
+        shipped = CONFIG_DIR / p.name
+        if not shipped.is_file():
+            names = ", ".join(sorted(f.name for f in CONFIG_DIR.glob("*.py")
+                                     if f.name != "__init__.py"))
+            raise UsageError(f"--config {spec}: no such config file (shipped: {names})")
+        p = shipped
+    mod_spec = importlib.util.spec_from_file_location(f"_tempo_cfg_{p.stem}", p)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise UsageError(f"--config {spec}: {e}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """`--config.rl.beta=0` style overrides, typed by the field they replace; an unknown
+    field lists the valid ones, a value of the wrong type says what was expected."""
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not key.startswith("--config.") or not eq:
+            raise UsageError(f"unrecognised argument {item!r} (a config override looks like "
+                             "--config.rl.beta=0)")
+        *parents, leaf = key[len("--config."):].split(".")
+        node, where = config, "config"
+        for name in [*parents, leaf]:
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UsageError(f"{key}: {where} has no field {name!r}{hint} (fields: "
+                                 f"{', '.join(valid)})")
+            if name != leaf:
+                node, where = node[name], f"{where}.{name}"
+        old = node[leaf]
+        node[leaf] = _typed(key, old, value)
+
+
+def _typed(key: str, old: Any, value: str) -> Any:
+    if isinstance(old, ml_collections.ConfigDict):
+        raise UsageError(f"{key} is a group of fields ({', '.join(sorted(old.keys()))}); "
+                         "override one of them")
+    if isinstance(old, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise UsageError(f"{key} expects true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        if isinstance(old, int):
+            return int(value)
+        if isinstance(old, float):
+            return float(value)
+    except ValueError:
+        raise UsageError(f"{key} expects {type(old).__name__}, got {value!r}") from None
+    return value
