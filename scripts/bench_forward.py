@@ -7,7 +7,9 @@ fp32 matmul GFLOP/s so the model's achieved GFLOP/s can be read against the mach
 
     python scripts/bench_forward.py [--reps 5] [--threads 2]
 
-Last output line: a JSON object with jax/torch tokens/s, their ratio, GFLOP/s and the peak.
+The two sides (and the two matmuls) run interleaved, `--reps` rounds; times are medians with
+min and max beside them. Last output line: a JSON object with jax/torch tokens/s, their
+ratio (median, min, max over the rounds), GFLOP/s and the peak.
 """
 
 from __future__ import annotations
@@ -15,19 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
-
-def median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchlib import ratio_spread, spread, time_interleaved
 
 
 def text_flops(cfg, seq: int) -> float:
@@ -119,7 +113,6 @@ def main() -> None:
     t0 = time.perf_counter()
     ours_logits = fwd(state, dev_inputs, last).block_until_ready()
     compile_s = time.perf_counter() - t0
-    jax_s = median_time(lambda: fwd(state, dev_inputs, last).block_until_ready(), args.reps)
 
     tkw = dict(
         input_ids=torch.as_tensor(ids), attention_mask=torch.ones(1, seq, dtype=torch.long),
@@ -127,20 +120,24 @@ def main() -> None:
         pixel_values_videos=torch.as_tensor(pixels), video_grid_thw=torch.as_tensor(grid),
         logits_to_keep=1,
     )
-    with torch.no_grad():
-        ref_logits = ref(**tkw).logits  # warm-up
-        torch_s = median_time(lambda: ref(**tkw), args.reps)
+    torch.set_grad_enabled(False)
+    ref_logits = ref(**tkw).logits  # warm-up
     err = float(np.abs(np.asarray(ours_logits)[0, -1] - ref_logits[0, -1].numpy()).max())
+    times = time_interleaved({"jax": lambda: fwd(state, dev_inputs, last).block_until_ready(),
+                              "torch": lambda: ref(**tkw)}, args.reps)
+    jax_s, torch_s = spread(times["jax"])["median"], spread(times["torch"])["median"]
 
     # plain matmul peak of each framework on this machine
     n = 2048
     a = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    jax_mm = 2 * n**3 / median_time(lambda: mm(a).block_until_ready(), 10) / 1e9
     ta = torch.randn(n, n)
     torch.mm(ta, ta)
-    torch_mm = 2 * n**3 / median_time(lambda: torch.mm(ta, ta), 10) / 1e9
+    mm_times = time_interleaved({"jax": lambda: mm(a).block_until_ready(),
+                                 "torch": lambda: torch.mm(ta, ta)}, 10)
+    jax_mm = 2 * n**3 / spread(mm_times["jax"])["median"] / 1e9
+    torch_mm = 2 * n**3 / spread(mm_times["torch"])["median"] / 1e9
 
     win_lens = np.diff(window_index(grid, cfg.vision)[1])
     frame_lens = np.diff(frame_cu_seqlens(grid))
@@ -148,12 +145,12 @@ def main() -> None:
     peak = max(jax_mm, torch_mm)
     result = {
         "prompt_tokens": seq,
-        "jax_s": round(jax_s, 4),
-        "torch_s": round(torch_s, 4),
+        "jax_s": spread(times["jax"]),
+        "torch_s": spread(times["torch"]),
         "jax_compile_s": round(compile_s, 2),
         "jax_tokens_per_s": round(seq / jax_s, 1),
         "torch_tokens_per_s": round(seq / torch_s, 1),
-        "ratio_vs_reference": round(torch_s / jax_s, 3),
+        "ratio_vs_reference": ratio_spread(times["torch"], times["jax"]),
         "model_gflop": round(flops / 1e9, 2),
         "jax_gflops": round(flops / jax_s / 1e9, 1),
         "torch_gflops": round(flops / torch_s / 1e9, 1),
@@ -161,6 +158,8 @@ def main() -> None:
         "jax_matmul_gflops": round(jax_mm, 1),
         "torch_matmul_gflops": round(torch_mm, 1),
         "jax_fraction_of_peak": round(flops / jax_s / 1e9 / peak, 3),
+        "jax_fraction_of_jax_matmul": round(flops / jax_s / 1e9 / jax_mm, 3),
+        "matmul_jax_over_torch": ratio_spread(mm_times["torch"], mm_times["jax"]),
         "last_logit_max_abs_diff": err,
         "threads": args.threads,
         "backend": jax.default_backend(),

@@ -33,8 +33,9 @@ import subprocess
 import sys
 import time
 
-from bench_forward import head_flops, median_time, text_flops, vision_flops
+from bench_forward import head_flops, text_flops, vision_flops
 from bench_train_step import torch_grpo_loss
+from benchlib import median_time
 
 
 def shapes(args, cfg):

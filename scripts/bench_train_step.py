@@ -8,7 +8,8 @@ the k3 KL term, token-mean aggregation, and gradients for every parameter.
 
     python scripts/bench_train_step.py [--rows 8] [--prompt 448] [--completion 64]
 
-Last output line: a JSON object with tokens/s of each side and `ratio_vs_reference`.
+The sides run interleaved, `--reps` rounds. Last output line: a JSON object with tokens/s of
+each side (medians) and `ratio_vs_reference` (median, min, max over the rounds).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 import tempfile
 import time
 
-from bench_forward import median_time  # scripts/ is on sys.path when run as a script
+from bench_forward import head_flops, text_flops  # scripts/ is on sys.path as a script
+from benchlib import ratio_spread, spread, time_interleaved
 
 
 def torch_grpo_loss(logps, old, ref, adv, mask, beta: float, eps_low: float = 0.2,
@@ -92,7 +94,6 @@ def main() -> None:
     t0 = time.perf_counter()
     jax.block_until_ready(step(params, dev_inputs))
     compile_s = time.perf_counter() - t0
-    jax_s = median_time(lambda: jax.block_until_ready(step(params, dev_inputs)), args.reps)
     jax_loss = float(step(params, dev_inputs)[0])
 
     t_ids = torch.as_tensor(ids)
@@ -111,16 +112,54 @@ def main() -> None:
         return float(loss)
 
     torch_loss = torch_step()
-    torch_s = median_time(torch_step, args.reps)
+    times = time_interleaved(
+        {"jax": lambda: jax.block_until_ready(step(params, dev_inputs)), "torch": torch_step},
+        args.reps)
+    jax_s, torch_s = spread(times["jax"])["median"], spread(times["torch"])["median"]
+    # where the time goes: the forward alone, and each framework's plain matmul speed
+    fwd = jax.jit(loss_fn)
+    jax.block_until_ready(fwd(params, dev_inputs))
+
+    def torch_fwd():
+        with torch.no_grad():
+            hf(input_ids=t_ids, position_ids=t_pos, logits_to_keep=lc + 1)
+
+    mm_n = 2048
+    a = jnp.asarray(rng.standard_normal((mm_n, mm_n)), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    ta = torch.randn(mm_n, mm_n)
+    parts = time_interleaved({
+        "jax_forward": lambda: jax.block_until_ready(fwd(params, dev_inputs)),
+        "torch_forward": torch_fwd,
+        "jax_matmul": lambda: mm(a).block_until_ready(),
+        "torch_matmul": lambda: torch.mm(ta, ta)}, max(3, args.reps))
+    med = {k: spread(v)["median"] for k, v in parts.items()}
+    # forward + backward = 3 forward passes of matmul FLOPs (backward: two per forward one)
+    flops = 3 * n * (text_flops(cfg, seq) + lc * head_flops(cfg))
+    jax_mm_gflops = 2 * mm_n**3 / med["jax_matmul"] / 1e9
+    torch_mm_gflops = 2 * mm_n**3 / med["torch_matmul"] / 1e9
     tokens = n * seq
     res = {
         "rows": n, "tokens_per_step": tokens,
-        "jax_s": round(jax_s, 4), "torch_s": round(torch_s, 4),
+        "jax_s": spread(times["jax"]), "torch_s": spread(times["torch"]),
         "jax_compile_s": round(compile_s, 2),
         "jax_tokens_per_s": round(tokens / jax_s, 1),
         "torch_tokens_per_s": round(tokens / torch_s, 1),
-        "ratio_vs_reference": round(torch_s / jax_s, 3),
+        "ratio_vs_reference": ratio_spread(times["torch"], times["jax"]),
         "loss_jax": jax_loss, "loss_torch": torch_loss,
+        "jax_forward_s": spread(parts["jax_forward"]),
+        "torch_forward_s": spread(parts["torch_forward"]),
+        "backward_over_forward_jax": round((jax_s - med["jax_forward"]) / med["jax_forward"], 2),
+        "backward_over_forward_torch": round((torch_s - med["torch_forward"])
+                                             / med["torch_forward"], 2),
+        "step_gflop": round(flops / 1e9, 1),
+        "jax_gflops": round(flops / jax_s / 1e9, 1),
+        "torch_gflops": round(flops / torch_s / 1e9, 1),
+        "jax_matmul_gflops": round(jax_mm_gflops, 1),
+        "torch_matmul_gflops": round(torch_mm_gflops, 1),
+        "jax_fraction_of_jax_matmul": round(flops / jax_s / 1e9 / jax_mm_gflops, 3),
+        "torch_fraction_of_torch_matmul": round(flops / torch_s / 1e9 / torch_mm_gflops, 3),
         "threads": args.threads, "backend": jax.default_backend(),
     }
     for k, v in res.items():
