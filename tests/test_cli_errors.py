@@ -155,3 +155,14 @@ def test_synthetic_out_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(f), "--num", "1"])
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_export_will_not_replace_a_directory_that_is_no_export(tmp_path):
+    from tempo_jax import export as export_lib
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not a Hugging Face directory"):
+        export_lib.main(["--checkpoint", str(tmp_path), "--out", str(out)])
+    assert (out / "notes.txt").read_text() == "keep me"
