@@ -482,6 +482,18 @@ class Trainer:
         self.ckpt.save(gstep, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
+    def _checkpoint_step(self, stage: str, step: int, total: int, opt_state, rng,
+                         loader: Loader | None) -> bool:
+        """After `step` of a stage: save every `ckpt_every` steps, at the stage's last step
+        and on SIGTERM. True when SIGTERM asks the loop to stop (its checkpoint saved; the
+        loop's `_committing` waits for the commit)."""
+        stop = self.stop_requested  # read once: SIGTERM may land between two reads
+        if (step + 1) % self.config.ckpt_every == 0 or step + 1 == total or stop:
+            self.save(stage, step + 1, opt_state, rng, _data_state(loader))
+        if stop:
+            log.warning("stopped at %s step %d: checkpoint saved", stage, step + 1)
+        return stop
+
     def _global_step(self, stage, step):
         offset = 0
         for s in self.config.stages.split(","):
@@ -679,11 +691,7 @@ class Trainer:
                     self.log_metrics("sft", step + 1, metrics)
                     bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                     acc=f"{float(metrics['token_accuracy']):.2f}")
-                if ((step + 1) % c.ckpt_every == 0 or step + 1 == c.sft.steps
-                        or self.stop_requested):
-                    self.save("sft", step + 1, opt_state, rng, _data_state(loader))
-                if self.stop_requested:
-                    log.warning("stopped at SFT step %d: checkpoint saved", step + 1)
+                if self._checkpoint_step("sft", step, c.sft.steps, opt_state, rng, loader):
                     return {"skipped_updates": skipped, "preempted": True}
         return {"skipped_updates": skipped, "preempted": False}
 
@@ -806,11 +814,7 @@ class Trainer:
                 self.log_metrics("grpo", step + 1, metrics)
                 bar.set_postfix(reward=f"{metrics['reward']:.2f}",
                                 kl=f"{metrics.get('kl', 0.0):.3f}")
-                if ((step + 1) % c.ckpt_every == 0 or step + 1 == rc.steps
-                        or self.stop_requested):
-                    self.save("grpo", step + 1, opt_state, rng, _data_state(loader))
-                if self.stop_requested:
-                    log.warning("stopped at PIR-GRPO step %d: checkpoint saved", step + 1)
+                if self._checkpoint_step("grpo", step, rc.steps, opt_state, rng, loader):
                     return {"skipped_updates": skipped, "preempted": True}
         return {"skipped_updates": skipped, "preempted": False}
 
