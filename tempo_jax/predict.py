@@ -26,17 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tempo_jax.cli import UsageError
 from tempo_jax.data.video import VideoError
 
-__all__ = ["UsageError", "describe", "draw", "main", "predict", "read_requests"]
+__all__ = ["describe", "draw", "main", "predict", "read_requests"]
 
 log = logging.getLogger("tempo_jax.predict")
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
-
-
-class UsageError(ValueError):
-    """A user's mistake on the command line or in an input file: one line, no traceback."""
 
 
 # ============================================================================ requests
