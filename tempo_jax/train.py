@@ -37,6 +37,7 @@ from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
 from tempo_jax.data.pipeline import (
     Loader,
+    NoUsableData,
     PipelineConfig,
     collate,
     config_from_settings,
@@ -559,12 +560,14 @@ class Trainer:
 
     # ---- data: cached examples (small datasets) or the streaming Grain loader
     def _stream(self, records: list[dict], video_root: str, pcfg: PipelineConfig,
-                resume_ckpt=None, stage: str = "") -> Loader:
+                resume_ckpt=None, stage: str = "", require_usable: bool = True) -> Loader:
         """The Grain loader of a stage, each host reading its own share; restored to the
         position saved in the checkpoint being resumed, so no example is seen twice or
-        skipped across a restart."""
+        skipped across a restart. A training stream none of whose examples loads raises
+        `NoUsableData` (evaluation reports failures instead: `require_usable=False`)."""
         loader = make_loader(records, video_root, pcfg, self.model.config.vision,
-                             shard_index=jax.process_index(), shard_count=jax.process_count())
+                             shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             require_usable=require_usable)
         if resume_ckpt is not None:
             state = self._meta(resume_ckpt).get("data_state")
             if state is None:
@@ -839,7 +842,7 @@ class Trainer:
                        for i in range(0, len(examples), 8))
         else:
             batches = self._stream(data.val[:n], data.video_root, dataclasses.replace(
-                pcfg, shuffle=False, num_epochs=1))
+                pcfg, shuffle=False, num_epochs=1), require_usable=False)
         from tempo_jax.evaluate import answer_rows
 
         model = _merge(self.graphdef, self.params, self.frozen)
@@ -1092,4 +1095,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    cli.run_main(main, user_errors=(NoUsableData,))

@@ -166,3 +166,23 @@ def test_export_will_not_replace_a_directory_that_is_no_export(tmp_path):
     with pytest.raises(ValueError, match="exists and is not a Hugging Face directory"):
         export_lib.main(["--checkpoint", str(tmp_path), "--out", str(out)])
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_streaming_training_without_a_loadable_video_stops(tmp_path):
+    """The streaming loader (the 3b/7b default) repeats forever: when every video fails in a
+    row it says so instead of skipping them forever."""
+    from tempo_jax.data.pipeline import NoUsableData
+
+    ann = tmp_path / "ok.jsonl"
+    ann.write_text("".join(json.dumps({"video": f"gone{i}.mp4", "query": "a red circle moves",
+                                       "duration": 10, "windows": [[1, 2]], "qid": f"q{i}"})
+                           + "\n" for i in range(3)))
+    with pytest.raises(NoUsableData) as err:
+        train_lib.main(["--workdir", str(tmp_path / "w"), "--config.data.source=jsonl",
+                        f"--config.data.train={ann}", f"--config.data.val={ann}",
+                        f"--config.data.video_root={tmp_path}", "--config.sft.steps=2",
+                        "--config.data.cache_examples=False",
+                        "--config.model.tiny_overrides.num_hidden_layers=1"])
+    msg = str(err.value)
+    assert msg.startswith("none of the 3 examples could be loaded, 3 skipped (first: ")
+    assert "gone0.mp4" in msg

@@ -164,22 +164,38 @@ class LoadExample(grain.transforms.Map):
             return {"skip": str(e), "qid": str(record.get("qid", ""))}
 
 
-class SkipCounter:
-    """Main-process filter: drops skipped examples, counting and logging each one."""
+class NoUsableData(ValueError):
+    """Every example of a training stream failed to load, one after another: a stream that
+    repeats forever would otherwise skip them forever."""
 
-    def __init__(self):
+
+class SkipCounter:
+    """Main-process filter: drops skipped examples, counting and logging each one. With
+    `give_up_after` (the number of records a stream cycles through), that many skips in a
+    row, i.e. every record failed, raise `NoUsableData` instead of spinning."""
+
+    def __init__(self, give_up_after: int | None = None):
         self.count = 0
+        self.in_a_row = 0
+        self.give_up_after = give_up_after
         self.reasons: list[str] = []
         self.failed: dict[str, str] = {}  # qid -> reason (first 100k), for reports
 
     def __call__(self, ex: dict) -> bool:
-        if "skip" in ex:
+        if "skip" not in ex:
+            self.in_a_row = 0
+        else:
             self.count += 1
+            self.in_a_row += 1
             if len(self.reasons) < 1000:
                 self.reasons.append(ex["skip"])
             if len(self.failed) < 100_000:
                 self.failed[str(ex.get("qid", ""))] = ex["skip"]
             log.warning("skipping example %s: %s", ex.get("qid", "?"), ex["skip"])
+            if self.give_up_after and self.in_a_row >= self.give_up_after:
+                shown = "; ".join(self.reasons[:3])
+                raise NoUsableData(f"none of the {self.give_up_after} examples could be "
+                                   f"loaded, {self.count} skipped (first: {shown})")
             return False
         return True
 
@@ -285,17 +301,21 @@ def make_loader(
     shard_index: int = 0,
     shard_count: int = 1,
     patch_capacity: int | None = None,
+    require_usable: bool = False,
 ) -> Loader:
     """Grain pipeline: source -> (per-host shard) -> shuffle / repeat -> load in workers ->
     drop and count broken examples -> static-shape batches.
 
     `shard_index`/`shard_count` (e.g. `jax.process_index()`, `jax.process_count()`) give each
     host its own share of the records. `patch_capacity` fixes the patch dimension (default:
-    `batch_size * 4 * saa.max_visual_tokens`, every example's worst case).
+    `batch_size * 4 * saa.max_visual_tokens`, every example's worst case). `require_usable`
+    (training streams): when every record of the shard fails in a row, raise `NoUsableData`
+    instead of skipping forever; evaluation leaves it off and reports each failure.
     """
     ds = grain.MapDataset.source(GroundingSource(records))
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
+    n_records = len(ds)
     ds = ds.seed(cfg.seed)
     if cfg.shuffle:
         ds = ds.shuffle()
@@ -310,7 +330,7 @@ def make_loader(
         if not flags.FLAGS.is_parsed():  # grain workers read absl flags; we run outside absl.app
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    counter = SkipCounter()
+    counter = SkipCounter(give_up_after=n_records if require_usable else None)
     it = it.filter(counter)
     capacity = patch_capacity or batch_patch_capacity(cfg, vision)
     it = it.batch(cfg.batch_size,
