@@ -38,14 +38,6 @@ def run_main(main: Callable[[], Any], user_errors: tuple[type[BaseException], ..
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def skipped_summary(reasons: Sequence[str], first: int = 3) -> str:
-    """`N skipped (first: a; b; c)`: how much input was dropped and why, in one line."""
-    if not reasons:
-        return "0 skipped"
-    more = "; ..." if len(reasons) > first else ""
-    return f"{len(reasons)} skipped (first: {'; '.join(reasons[:first])}{more})"
-
-
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/file.py:arg` -> `get_config(arg)`. A path that does not exist from here is
     looked up among the configs shipped in the package, so `configs/tempo_r0.py:7b` works

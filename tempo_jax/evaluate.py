@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from tempo_jax import fileio
-from tempo_jax.cli import skipped_summary
 from tempo_jax.metrics import (
     QVH_IOU_THRESHOLDS,
     QVH_SALIENCY_LEVELS,
@@ -419,9 +418,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--annotations {ann}: no such file")
     records = load_records(args.dataset, ann, args.charades_durations)
     if not records:
-        why = [f"{s.path}:{s.line}: {s.reason}" for s in getattr(records, "skipped", [])]
         raise ValueError(f"{ann}: no usable example, every line was skipped: "
-                         f"{skipped_summary(why)}")
+                         f"{records.skipped_summary()}")
     if args.limit:
         records = records[:args.limit]
     metrics = evaluate_model(

@@ -45,7 +45,13 @@ from tempo_jax.data.pipeline import (
     make_loader,
     with_query,
 )
-from tempo_jax.data.sources import VideoIndex, load_charades_sta, load_jsonl, load_qvhighlights
+from tempo_jax.data.sources import (
+    VideoIndex,
+    load_charades_sta,
+    load_jsonl,
+    load_qvhighlights,
+    skipped_summary,
+)
 from tempo_jax.data.sources import make_pir as make_pir_pairs
 from tempo_jax.generate import GenerateOutput, generate_global
 from tempo_jax.metrics import grounding_metrics
@@ -150,9 +156,8 @@ def _load_records(config, which: str):
     else:
         records = load_jsonl(path, strict=False)
     if not records:
-        why = [f"{s.path}:{s.line}: {s.reason}" for s in records.skipped]
         raise cli.UsageError(f"{path}: no usable example, every line was skipped: "
-                             f"{cli.skipped_summary(why)}")
+                             f"{records.skipped_summary()}")
     return records
 
 
@@ -210,7 +215,7 @@ def _load_all(records, video_root, pcfg, vision, desc) -> list[dict]:
         log.warning("%s: skipped %d of %d examples", desc, len(skipped), len(records))
     if not out:
         raise cli.UsageError(f"{desc} under {video_root}: no example could be loaded, "
-                             f"{cli.skipped_summary(skipped)}")
+                             f"{skipped_summary(skipped)}")
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
 from tempo_jax.data.processor import process_segments, resize_frame
-from tempo_jax.data.sources import GroundingSource, VideoIndex
+from tempo_jax.data.sources import GroundingSource, VideoIndex, skipped_summary
 from tempo_jax.data.video import VideoError, read_for_saa
 from tempo_jax.models.qwen2_5_vl.config import VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket, vision_metadata
@@ -193,9 +193,8 @@ class SkipCounter:
                 self.failed[str(ex.get("qid", ""))] = ex["skip"]
             log.warning("skipping example %s: %s", ex.get("qid", "?"), ex["skip"])
             if self.give_up_after and self.in_a_row >= self.give_up_after:
-                shown = "; ".join(self.reasons[:3])
                 raise NoUsableData(f"none of the {self.give_up_after} examples could be "
-                                   f"loaded, {self.count} skipped (first: {shown})")
+                                   f"loaded, {skipped_summary(self.reasons, total=self.count)}")
             return False
         return True
 

@@ -51,6 +51,16 @@ class SkippedLine(NamedTuple):
     reason: str
 
 
+def skipped_summary(reasons: Sequence[str], first: int = 3, total: int | None = None) -> str:
+    """`N skipped (first: a; b; c)`: how much input was dropped and why, in one line
+    (`total`: the count, when `reasons` keeps only some)."""
+    n = len(reasons) if total is None else total
+    if not reasons:
+        return f"{n} skipped"
+    more = "; ..." if n > first else ""
+    return f"{n} skipped (first: {'; '.join(reasons[:first])}{more})"
+
+
 class Records(list):
     """The records of one file (a plain list of dicts) plus what lenient loading skipped."""
 
@@ -63,6 +73,10 @@ class Records(list):
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
+
+    def skipped_summary(self) -> str:
+        """This file's skipped lines in one line: count and the first `file:line: reason`s."""
+        return skipped_summary([f"{s.path}:{s.line}: {s.reason}" for s in self.skipped])
 
 
 class _Bad(Exception):
