@@ -333,6 +333,40 @@ def answer_rows(model: Any, batches: Iterable[dict], tokenizer: Any,
         yield rows
 
 
+def refusal_probabilities(model: Any, batches: Iterable[dict], tokenizer: Any,
+                          prompt_cfg: Any) -> dict[str, float]:
+    """P(`none`) where a refusal's answer first differs from a window's (right after
+    `<answer`), teacher-forced, for every example of SFT-format batches (prompt + answer,
+    right-padded): qid -> probability. Unlike greedy answers, it shows how well the model
+    tells irrelevant pairs from relevant ones whatever the threshold."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tempo_jax.data.pipeline import model_inputs
+    from tempo_jax.data.prompts import encode_text, format_answer
+
+    none = encode_text(tokenizer, format_answer(None, prompt_cfg))
+    window = encode_text(tokenizer, format_answer((1.0, 2.0), prompt_cfg))
+    p = next(i for i, (a, b) in enumerate(zip(none, window, strict=False)) if a != b)
+    none_id = none[p]
+    out: dict[str, float] = {}
+
+    @jax.jit
+    def prob(state, inputs, pos):
+        logits = nnx.merge(graphdef, state).forward(inputs, logits_positions=pos)
+        return jax.nn.softmax(logits[:, 0], axis=-1)[:, none_id]
+
+    graphdef, state = nnx.split(model)
+    for batch in batches:
+        first = np.argmax(batch["loss_mask"], axis=1)  # the answer's first token
+        pos = (first + p - 1).astype(np.int32)[:, None]  # the logits predicting token p
+        probs = np.asarray(prob(state, model_inputs(batch), jnp.asarray(pos)))
+        for m, q in zip(batch["meta"], probs, strict=True):
+            out[str(m["qid"])] = float(q)
+    return out
+
+
 def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,
             timeline: int, ground_truth: Sequence[dict] | None = None) -> dict:
     """Submission file, metrics (ours for every dataset, the official set for QVHighlights)

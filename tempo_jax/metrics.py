@@ -18,7 +18,7 @@ import numpy as np
 
 from tempo_jax.rl.rewards import REFUSE, Answer, best_iou, parse_answer
 
-__all__ = ["grounding_metrics", "normalize_prediction"]
+__all__ = ["grounding_metrics", "normalize_prediction", "refusal_auc", "refusal_diagnostics"]
 
 NAN = float("nan")
 
@@ -95,6 +95,44 @@ def grounding_metrics(
     out["unparsable_rate"] = _fraction(unparsable, n)
     out["num_relevant"] = n_relevant
     out["num_irrelevant"] = n_irrelevant
+    return out
+
+
+def refusal_auc(scores: Sequence[float], irrelevant: Sequence[bool]) -> float:
+    """ROC AUC of `scores` (e.g. P(none)) for telling irrelevant pairs from relevant ones:
+    the chance that a random irrelevant pair scores above a random relevant one, ties
+    counting half (Mann-Whitney). 0.5: the pairs are indistinguishable; NaN without both."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(irrelevant, bool)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return NAN
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def refusal_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """From evaluation rows (`relevant`, `parsed`, `qid`, optional `p_none`): the AUC of
+    P(none), mean P(none) per kind, and refusal accuracy split between cross pairs (a held-out
+    video with another held-out video's query, qid `...|pir:...`) and the other irrelevant
+    queries (the generator's own refusal queries)."""
+    rel = [bool(r["relevant"]) for r in rows]
+    out: dict[str, float] = {}
+    scored = [(r["p_none"], not f) for r, f in zip(rows, rel, strict=True)
+              if r.get("p_none") is not None]
+    if scored:
+        p, irr = zip(*scored, strict=True)
+        p_arr, irr_arr = np.asarray(p), np.asarray(irr)
+        out["refusal_auc"] = refusal_auc(p_arr, irr_arr)
+        out["p_none_relevant"] = float(p_arr[~irr_arr].mean()) if (~irr_arr).any() else NAN
+        out["p_none_irrelevant"] = float(p_arr[irr_arr].mean()) if irr_arr.any() else NAN
+    cross = [normalize_prediction(r["parsed"]) == REFUSE for r, f in zip(rows, rel, strict=True)
+             if not f and "|pir:" in str(r.get("qid", ""))]
+    own = [normalize_prediction(r["parsed"]) == REFUSE for r, f in zip(rows, rel, strict=True)
+           if not f and "|pir:" not in str(r.get("qid", ""))]
+    out["refusal_accuracy_cross"] = _fraction(sum(cross), len(cross))
+    out["refusal_accuracy_generated"] = _fraction(sum(own), len(own))
     return out
 
 

@@ -39,6 +39,7 @@ from tempo_jax.data.pipeline import (
     Loader,
     NoUsableData,
     PipelineConfig,
+    batch_patch_capacity,
     collate,
     config_from_settings,
     load_example,
@@ -53,8 +54,9 @@ from tempo_jax.data.sources import (
     skipped_summary,
 )
 from tempo_jax.data.sources import make_pir as make_pir_pairs
+from tempo_jax.evaluate import refusal_probabilities
 from tempo_jax.generate import GenerateOutput, generate_global
-from tempo_jax.metrics import grounding_metrics
+from tempo_jax.metrics import grounding_metrics, refusal_diagnostics
 from tempo_jax.models.attention import resolve_backend
 from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, load_pretrained, preset
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig
@@ -65,7 +67,7 @@ from tempo_jax.rl import rewards as rewards_lib
 log = logging.getLogger("tempo_jax.train")
 
 SETTINGS_FILE = "tempo_settings.json"  # SAA / ETA / prompt settings, saved beside every export
-REPORT_KEYS = ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate")
+REPORT_KEYS = ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate", "refusal_auc")
 
 
 # ============================================================================ settings
@@ -161,23 +163,32 @@ def _load_records(config, which: str):
     return records
 
 
+def synthetic_spec(config, which: str):
+    """The synthetic videos of `data.synthetic_<which>` (train or val: val has its own seed,
+    so its videos are held out)."""
+    from tempo_jax.data.synthetic import SyntheticSpec
+
+    d = config.data
+    colours = tuple(x.strip() for x in d.get("synthetic_colours", "").split(",") if x.strip())
+    return SyntheticSpec(
+        num=d[f"synthetic_{which}"], seed=config.seed + (10_000 if which == "val" else 0),
+        min_duration=d.synthetic_min_duration, max_duration=d.synthetic_max_duration,
+        max_events=d.synthetic_max_events, distractor_prob=d.synthetic_distractor_prob,
+        min_event_fraction=d.synthetic_min_event, max_event_fraction=d.synthetic_max_event,
+        width=d.get("synthetic_width", 128), height=d.get("synthetic_height", 96),
+        object_scale=d.get("synthetic_object_scale", 0.11), tint=d.get("synthetic_tint", 10.0),
+        colours=colours or None, whole_frame_single=d.get("synthetic_whole_frame", False))
+
+
 def prepare_data(config, workdir: Path) -> Data:
     """Records for training (with PIR pairs) and evaluation; synthetic videos are generated
     under the workdir when absent."""
     if config.data.source == "synthetic":
-        from tempo_jax.data.synthetic import SyntheticSpec, different_colours, generate
+        from tempo_jax.data.synthetic import different_colours, generate
 
         root = workdir / "data"
-        spec = dict(min_duration=config.data.synthetic_min_duration,
-                    max_duration=config.data.synthetic_max_duration,
-                    max_events=config.data.synthetic_max_events,
-                    distractor_prob=config.data.synthetic_distractor_prob,
-                    min_event_fraction=config.data.synthetic_min_event,
-                    max_event_fraction=config.data.synthetic_max_event)
-        generate(root / "train", SyntheticSpec(num=config.data.synthetic_train, seed=config.seed,
-                                               **spec))
-        generate(root / "val", SyntheticSpec(num=config.data.synthetic_val,
-                                             seed=config.seed + 10_000, **spec))
+        generate(root / "train", synthetic_spec(config, "train"))
+        generate(root / "val", synthetic_spec(config, "val"))
         train = [r for r in load_jsonl(root / "train" / "annotations.jsonl") if r["relevant"]]
         val = list(load_jsonl(root / "val" / "annotations.jsonl"))
         for r in train:
@@ -190,12 +201,28 @@ def prepare_data(config, workdir: Path) -> Data:
         train, val = _load_records(config, "train"), _load_records(config, "val")
         video_root = config.data.video_root
         compatible = None
+    val = val + cross_pairs(val, config.data.get("val_cross_pairs", 0), config.seed, compatible)
     if config.data.cache_examples and config.data.get("pir_resample", False):
         return Data(train=list(train), val=list(val), video_root=video_root,
                     pir_ratio=config.data.irrelevant_ratio, pir_compatible=compatible)
     train = make_pir_pairs(train, config.data.irrelevant_ratio, seed=config.seed,
                            compatible=compatible)
     return Data(train=list(train), val=list(val), video_root=video_root)
+
+
+def cross_pairs(val: list[dict], per_video: int, seed: int, compatible=None) -> list[dict]:
+    """`per_video` irrelevant pairs per held-out video: its video with the query of another
+    held-out video (qid `<own>|pir:<donor>`). Unlike a generator's own refusal queries, the
+    model never saw these queries with these videos: refusing them shows it checks the video
+    against the query rather than recognising refusal queries."""
+    relevant = [r for r in val if r.get("relevant", True)]
+    if per_video <= 0 or len({r["video"] for r in relevant}) < 2:
+        return []
+    out = []
+    for k in range(per_video):
+        pairs = make_pir_pairs(relevant, 1.0, seed=seed + 7919 * (k + 1), compatible=compatible)
+        out += [p for p in pairs if not p["relevant"]]
+    return out
 
 
 def _load_all(records, video_root, pcfg, vision, desc) -> list[dict]:
@@ -500,6 +527,11 @@ class Trainer:
             log.warning("stopped at %s step %d: checkpoint saved", stage, step + 1)
         return stop
 
+    def stage_end(self, stage: str) -> int:
+        """The global step at which `stage` ends (its checkpoint's number)."""
+        total = self.config.sft.steps if stage == "sft" else self.config.rl.steps
+        return self._global_step(stage, total)
+
     def _global_step(self, stage, step):
         offset = 0
         for s in self.config.stages.split(","):
@@ -565,14 +597,15 @@ class Trainer:
 
     # ---- data: cached examples (small datasets) or the streaming Grain loader
     def _stream(self, records: list[dict], video_root: str, pcfg: PipelineConfig,
-                resume_ckpt=None, stage: str = "", require_usable: bool = True) -> Loader:
+                resume_ckpt=None, stage: str = "", require_usable: bool = True,
+                collated: bool = True) -> Loader:
         """The Grain loader of a stage, each host reading its own share; restored to the
         position saved in the checkpoint being resumed, so no example is seen twice or
         skipped across a restart. A training stream none of whose examples loads raises
         `NoUsableData` (evaluation reports failures instead: `require_usable=False`)."""
         loader = make_loader(records, video_root, pcfg, self.model.config.vision,
                              shard_index=jax.process_index(), shard_count=jax.process_count(),
-                             require_usable=require_usable)
+                             require_usable=require_usable, collated=collated)
         if resume_ckpt is not None:
             state = self._meta(resume_ckpt).get("data_state")
             if state is None:
@@ -586,16 +619,30 @@ class Trainer:
         return checkpoint_meta(self.ckpt, step)
 
     def _pick(self, examples, rng, batch_size, data: Data | None = None,
-              pcfg: PipelineConfig | None = None) -> list[dict]:
+              pcfg: PipelineConfig | None = None, *, contrast_share: float = 0.0,
+              irrelevant: int = -1) -> list[dict]:
         """The examples of one step: a function of (seed, stage, step) only, so a resumed run
         sees exactly the batches an uninterrupted one would. With `data.pir_ratio` (PIR drawn
-        afresh), each slot becomes an irrelevant pair with that probability."""
-        idx = rng.choice(len(examples), size=batch_size, replace=len(examples) < batch_size)
-        picked = [examples[i] for i in idx]
-        if data is not None and data.pir_ratio > 0:
-            for j in np.flatnonzero(rng.random(batch_size) < data.pir_ratio):
-                picked[j] = self._irrelevant(picked[j], examples, rng, data, pcfg)
-        return picked
+        afresh): `contrast_share` of the rows are contrast pairs (a video with its own query,
+        then with another video's); of the other rows, exactly `irrelevant` become PIR pairs
+        (-1: each with probability `data.pir_ratio`)."""
+        pir = data is not None and data.pir_ratio > 0
+        n_pairs = int(round(contrast_share * batch_size / 2)) if pir else 0
+        n_plain = batch_size - 2 * n_pairs
+        idx = rng.choice(len(examples), size=n_pairs + n_plain,
+                         replace=len(examples) < n_pairs + n_plain)
+        plain = [examples[i] for i in idx[n_pairs:]]
+        if pir:
+            if irrelevant >= 0:
+                slots = rng.choice(n_plain, size=min(irrelevant, n_plain), replace=False)
+            else:
+                slots = np.flatnonzero(rng.random(n_plain) < data.pir_ratio)
+            for j in slots:
+                plain[j] = self._irrelevant(plain[j], examples, rng, data, pcfg)
+        pairs = []
+        for i in idx[:n_pairs]:
+            pairs += [examples[i], self._irrelevant(examples[i], examples, rng, data, pcfg)]
+        return pairs + plain
 
     def _irrelevant(self, ex: dict, examples: list[dict], rng, data: Data,
                     pcfg: PipelineConfig) -> dict:
@@ -620,10 +667,6 @@ class Trainer:
             self._records_by_qid = {str(r["qid"]): r for r in data.train}
         return self._records_by_qid.get(str(qid), {})
 
-    def _batch(self, examples, rng, batch_size, pcfg, data: Data | None = None):
-        return collate(self._pick(examples, rng, batch_size, data, pcfg), pcfg,
-                       self.model.config.vision)
-
     def _examples(self, data: Data, which: str, pcfg) -> list[dict]:
         attr = f"{which}_examples"
         if getattr(data, attr) is None:
@@ -639,6 +682,14 @@ class Trainer:
         pcfg = pipeline_config(c, batch_size=c.sft.batch_size)
         accum = max(1, c.optim.accum_steps)
         loader = None
+        contrast = c.sft.get("contrast_share", 0.0)
+        if not 0.0 <= contrast <= 1.0:
+            raise cli.UsageError(f"--config.sft.contrast_share={contrast}: expected 0 to 1")
+        if contrast > 0 and not (c.data.cache_examples and data.pir_ratio > 0):
+            log.warning("sft.contrast_share=%s is ignored: contrast pairs are drawn with PIR "
+                        "pairs afresh (data.cache_examples, data.pir_resample, "
+                        "data.irrelevant_ratio > 0); this run trains on fixed PIR pairs",
+                        contrast)
         if c.data.cache_examples:
             examples = self._examples(data, "train", pcfg)
         else:
@@ -665,7 +716,7 @@ class Trainer:
                     micro = [next(loader) for _ in range(accum)]
                 else:
                     picked = self._pick(examples, np.random.default_rng([c.seed, 1, step]),
-                                        c.sft.batch_size, data, pcfg)
+                                        c.sft.batch_size, data, pcfg, contrast_share=contrast)
                     micro = [collate(chunk, pcfg, self.model.config.vision)
                              for chunk in _chunks(picked, accum)]
                 grads_sum, metrics, tokens = None, None, 0
@@ -710,13 +761,21 @@ class Trainer:
 
         c, rc = self.config, self.config.rl
         pcfg = pipeline_config(c, batch_size=rc.batch_size, with_answer=False, pad_side="left")
+        vision = self.model.config.vision
+        capacity = batch_patch_capacity(pcfg, vision)  # one shape for every rollout batch
         loader = None
+        irrelevant = rc.get("irrelevant_prompts", -1)
         if c.data.cache_examples:
             examples = _prompt_examples(self._examples(data, "train", pipeline_config(
                 c, batch_size=rc.batch_size)))
         else:
+            if irrelevant >= 0:
+                log.warning("rl.irrelevant_prompts=%d is ignored: a streamed batch holds the "
+                            "fixed PIR pairs the shuffle brings (cached examples with "
+                            "data.pir_resample draw an exact number)", irrelevant)
             loader = self._stream(data.train, data.video_root,
-                                  dataclasses.replace(pcfg, seed=c.seed + 1), resume_ckpt, "grpo")
+                                  dataclasses.replace(pcfg, seed=c.seed + 1), resume_ckpt,
+                                  "grpo", collated=False)
         gcfg = grpo_lib.GRPOConfig(
             num_generations=rc.num_generations, eps_low=rc.eps_low, eps_high=rc.eps_high,
             beta=rc.beta, scale_rewards=rc.scale_rewards, loss_agg=rc.loss_agg,
@@ -733,6 +792,7 @@ class Trainer:
         G = rc.num_generations
         names = tuple(n.strip() for n in rc.rewards.split(","))
         fmt_kw = {"thinking": c.prompt.thinking}
+        rounds = 1 + (max(0, rc.get("max_refills", 0)) if rc.get("filter_groups") else 0)
 
         grad_fn = jax.jit(jax.value_and_grad(grpo_objective, has_aux=True),
                           static_argnums=(2, 10, 11))
@@ -745,43 +805,74 @@ class Trainer:
             logits = completion_logits(model, prompt_inputs, completions, comp_mask, start, g)
             return grpo_lib.sequence_logps(logits, completions)
 
+        def one_round(step: int, k: int, model) -> dict:
+            """Roll out one batch of prompts (round k of this step) and score it."""
+            if loader is not None:
+                exs = next(loader)
+            else:  # round 0 draws what a run without refills draws
+                seed = [c.seed, 2, step] + ([k] if k else [])
+                exs = self._pick(examples, np.random.default_rng(seed), rc.batch_size, data,
+                                 pcfg, irrelevant=irrelevant)
+            batch = collate(exs, pcfg, vision, patch_capacity=capacity)
+            key = jax.random.fold_in(rng, step)
+            out, _ = rollout(model, batch, self.mesh, self.rules, num_samples=G,
+                             max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                             top_p=rc.top_p, rng=jax.random.fold_in(key, k) if k else key)
+            texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
+                     for t, n in zip(out.tokens, out.lengths, strict=True)]
+            meta = [m for m in batch["meta"] for _ in range(G)]
+            total, parts = rewards_lib.total_reward(
+                [m["query"] for m in meta], texts, names=names, iou_type=rc.iou_type,
+                windows=[m["windows"] for m in meta], relevant=[m["relevant"] for m in meta],
+                duration=[m["duration"] for m in meta], **fmt_kw)
+            total = np.asarray(total, np.float64)
+            informative = (grpo_lib.informative_groups(total, G) if rounds > 1
+                           else np.ones(len(exs), bool))
+            return {"examples": exs, "out": out, "total": total, "parts": parts,
+                    "informative": informative, "relevant": [m["relevant"] for m in meta],
+                    "refused": [rewards_lib.parse_answer(t) == "refuse" for t in texts]}
+
         apply = apply_fn(tx)
         skipped = 0
-        history = []
         t_last = time.perf_counter()
         bar = tqdm(range(step0, rc.steps), desc="PIR-GRPO", initial=step0, total=rc.steps,
                    file=sys.stdout, mininterval=2)
         with self._committing("PIR-GRPO", loader), bar:
             for step in bar:
-                if loader is not None:
-                    batch = next(loader)
-                else:
-                    batch = self._batch(examples, np.random.default_rng([c.seed, 2, step]),
-                                        rc.batch_size, pcfg, data)
                 model = _merge(self.graphdef, self.params, self.frozen)
-                out, inputs = rollout(model, batch, self.mesh, self.rules, num_samples=G,
-                                      max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                                      top_p=rc.top_p, rng=jax.random.fold_in(rng, step))
-                texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True)
-                         for t, n in zip(out.tokens, out.lengths, strict=True)]
-                meta = [m for m in batch["meta"] for _ in range(G)]
-                fields = {
-                    "windows": [m["windows"] for m in meta],
-                    "relevant": [m["relevant"] for m in meta],
-                    "duration": [m["duration"] for m in meta],
-                }
-                total, parts = rewards_lib.total_reward(
-                    [m["query"] for m in meta], texts, names=names, iou_type=rc.iou_type,
-                    **fmt_kw, **fields)
+                done: list[dict] = []
+                for k in range(rounds):
+                    done.append(one_round(step, k, model))
+                    n_good = sum(int(d["informative"].sum()) for d in done)
+                    # every host decides alike (the rollouts are collective on several hosts)
+                    if all_rows(np.array([n_good >= rc.batch_size])).all():
+                        break
+                picks, valid = grpo_lib.fill_groups([d["informative"] for d in done],
+                                                    rc.batch_size)
+                # the update batch: the picked groups' prompts, completions and rewards
+                batch = collate([done[k]["examples"][j] for k, j in picks], pcfg, vision,
+                                patch_capacity=capacity)
+                inputs = shd.global_batch(batch, self.mesh, self.rules,
+                                          model_config=self.model.config, pad_side="left")
+
+                def rows_of(get, picks=picks, done=done):
+                    return np.concatenate([get(done[k])[j * G:(j + 1) * G] for k, j in picks])
+
+                tokens = rows_of(lambda d: d["out"].tokens)
+                logprobs = rows_of(lambda d: d["out"].logprobs)
+                lengths = rows_of(lambda d: d["out"].lengths)
+                total = rows_of(lambda d: d["total"])
                 adv = grpo_lib.group_advantages(jnp.asarray(total, jnp.float32), G,
                                                 scale_rewards=rc.scale_rewards)
-                t_len = out.tokens.shape[1]
-                comp_mask = (np.arange(t_len)[None, :] < out.lengths[:, None])
+                t_len = tokens.shape[1]
+                # padding groups (no informative group left) are masked out of the loss
+                comp_mask = ((np.arange(t_len)[None, :] < lengths[:, None])
+                             & np.repeat(valid, G)[:, None])
                 start = np.repeat(_decode_start(batch), G)
                 # the update step: prompts and completions sharded over the batch (data, fsdp)
                 rows = functools.partial(shd.shard_rows, mesh=self.mesh, rules=self.rules)
-                completions, cm, st, old = (rows(a) for a in (out.tokens, comp_mask, start,
-                                                              out.logprobs))
+                completions, cm, st, old = (rows(a) for a in (tokens, comp_mask, start,
+                                                              logprobs))
                 adv = rows(np.asarray(adv))
                 ref = None
                 if ref_params is not None:
@@ -797,28 +888,32 @@ class Trainer:
                         skipped += 1
                         log.warning("GRPO step %d: non-finite loss or gradient, update skipped",
                                     step)
-                # every host's rows in the logged figures
-                refused = all_rows([rewards_lib.parse_answer(t) == "refuse" for t in texts])
-                irr = all_rows([not r for r in fields["relevant"]])
-                total, lengths = all_rows(total), all_rows(out.lengths)
-                parts = {k: all_rows(v) for k, v in parts.items()}
+                # the logged figures: every rollout of the step (all rounds), every host's rows
+                def cat(key, done=done):
+                    return all_rows(np.concatenate([d[key] for d in done]))
+
+                refused, relevant, all_total = cat("refused"), cat("relevant"), cat("total")
+                informative = cat("informative")
+                r_lengths = all_rows(np.concatenate([d["out"].lengths for d in done]))
                 metrics = {k: float(v) for k, v in m.items()}
                 metrics.update(
-                    loss=float(loss), reward=float(np.mean(total)),
-                    **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                    response_length=float(lengths.mean()),
-                    refusal_accuracy=_frac([r for r, i in zip(refused, irr, strict=True) if i]),
-                    false_refusal_rate=_frac([r for r, i in zip(refused, irr, strict=True)
-                                              if not i]),
+                    loss=float(loss), reward=float(np.mean(all_total)),
+                    **{f"reward_{n}": float(np.mean(all_rows(np.concatenate(
+                        [np.asarray(d["parts"][n]) for d in done])))) for n in done[0]["parts"]},
+                    response_length=float(r_lengths.mean()),
+                    refusal_accuracy=_frac(refused[~relevant]),
+                    false_refusal_rate=_frac(refused[relevant]),
                     skipped_updates=skipped,
+                    dropped_groups=float(1.0 - informative.mean()),
+                    rollout_rounds=len(done),
+                    update_fill=float(all_rows(valid).mean()),
                 )
                 if loader is not None:
                     metrics["skipped_examples"] = loader.skipped
                 now = time.perf_counter()
                 metrics["step_time"] = now - t_last
-                metrics["tokens_per_s"] = float(lengths.sum()) / metrics["step_time"]
+                metrics["tokens_per_s"] = float(r_lengths.sum()) / metrics["step_time"]
                 t_last = now
-                history.append(metrics)
                 self.log_metrics("grpo", step + 1, metrics)
                 bar.set_postfix(reward=f"{metrics['reward']:.2f}",
                                 kl=f"{metrics.get('kl', 0.0):.3f}")
@@ -856,6 +951,21 @@ class Trainer:
         metrics = grounding_metrics([r["answer"] for r in rows], [r["windows"] for r in rows],
                                     [r["relevant"] for r in rows],
                                     [r["duration"] for r in rows])
+        # PIR diagnostics: P(none) teacher-forced after "<answer", its AUC between relevant
+        # and irrelevant pairs (can the model tell them apart, whatever its threshold?) and
+        # refusals of the held-out cross pairs alone (queries never seen with that video)
+        tf = pipeline_config(c, batch_size=8)
+        if c.data.cache_examples:
+            full = self._examples(data, "val", pipeline_config(c))[:n]
+            tf_batches = (collate(full[i:i + 8], tf, self.model.config.vision)
+                          for i in range(0, len(full), 8))
+        else:
+            tf_batches = self._stream(data.val[:n], data.video_root, dataclasses.replace(
+                tf, shuffle=False, num_epochs=1), require_usable=False)
+        p_none = refusal_probabilities(model, tf_batches, self.tokenizer, tf.prompt)
+        for r in rows:
+            r["p_none"] = p_none.get(str(r["qid"]))
+        metrics.update(refusal_diagnostics(rows))
         return metrics, rows
 
     def export(self, path: Path) -> None:
@@ -1042,6 +1152,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             metrics, rows = trainer.evaluate(data)
             report[stage] = metrics
             rows_by_stage[stage] = rows
+            # beside the training curves (metrics.jsonl, TensorBoard), at the stage's last step
+            trainer.log_metrics(f"eval_{stage}", trainer.stage_end(stage),
+                                {k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if main:
                 fileio.write_text(path, json.dumps(metrics, indent=2))
             log.info("%s: %s", stage, {k: report[stage][k] for k in REPORT_KEYS})

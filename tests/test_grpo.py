@@ -331,3 +331,52 @@ def test_gradients_match_finite_differences(beta, agg, x64):
     rel = np.linalg.norm(fd - grad) / np.linalg.norm(grad)
     assert rel < 1e-5, rel
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------- dynamic sampling
+
+
+def test_informative_groups_and_fill_prefers_them_in_rollout_order():
+    g = 4
+    r0 = np.array([1, 1, 1, 1, 0, 1, 0, 0, 2, 2, 2, 2], float)  # groups: equal, mixed, equal
+    r1 = np.array([0, 0, 0, 0, 1, 0, 1, 1, 0.5, 0.5, 0.5, 0.500001], float)
+    f0, f1 = grpo.informative_groups(r0, g), grpo.informative_groups(r1, g)
+    assert f0.tolist() == [False, True, False] and f1.tolist() == [False, True, True]
+    picks, valid = grpo.fill_groups([f0, f1], 3)
+    assert picks == [(0, 1), (1, 1), (1, 2)] and valid.all()  # the batch is full of signal
+    picks, valid = grpo.fill_groups([f0], 3)  # one round only: padded with masked groups
+    assert picks == [(0, 1), (0, 0), (0, 2)] and valid.tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="fewer"):
+        grpo.fill_groups([f0], 4)
+
+
+@pytest.mark.parametrize("agg", list(grpo.LOSS_AGGREGATIONS))
+def test_equal_reward_groups_never_reach_the_loss(agg):
+    """The trainer's update after dynamic sampling: the batch has its static size, and a
+    group of equal rewards (padding) is masked out, so the loss and every gradient equal
+    those of the informative groups alone, whatever the padding's log-probs."""
+    g, t = 4, 6
+    cfg = grpo.GRPOConfig(num_generations=g, beta=0.04, loss_agg=agg)
+    rng = np.random.default_rng(0)
+    rewards = np.concatenate([rng.integers(0, 3, 2 * g).astype(float), np.ones(g)])
+    rewards[:g] = [0, 1, 2, 0]
+    f = grpo.informative_groups(rewards, g)
+    picks, valid = grpo.fill_groups([f], 3)
+    assert f.tolist()[2] is False and [j for _, j in picks][2] == 2 and not valid[2]
+    rows = np.concatenate([np.arange(j * g, (j + 1) * g) for _, j in picks])
+    logps = rng.normal(-2.0, 1.0, (3 * g, t))
+    old, ref = logps + rng.normal(0, 0.3, logps.shape), logps + rng.normal(0, 0.3, logps.shape)
+    lengths = rng.integers(1, t + 1, 3 * g)
+    mask = (np.arange(t)[None] < lengths[:, None]) & np.repeat(valid, g)[:, None]
+    adv = grpo.group_advantages(rewards[rows], g)
+
+    def loss(lp, m, o, r, a):
+        return grpo.grpo_loss(lp, o, r, a, m, cfg)[0]
+
+    full, grad = jax.value_and_grad(loss)(logps, mask, old, ref, adv)
+    keep = np.repeat(valid, g)
+    alone, grad_alone = jax.value_and_grad(loss)(logps[keep], mask[keep], old[keep], ref[keep],
+                                                 adv[keep])
+    np.testing.assert_allclose(full, alone, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad)[keep], grad_alone, rtol=1e-6, atol=1e-9)
+    assert not np.asarray(grad)[~keep].any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from tempo_jax.metrics import grounding_metrics, normalize_prediction
@@ -109,3 +110,43 @@ def test_length_mismatch_raises():
         grounding_metrics([None], [], [True])
     with pytest.raises(ValueError):
         grounding_metrics([None], [[]], [True], duration=[1.0, 2.0])
+
+
+def _roc_area(scores, positive):
+    """Trapezoidal area under the ROC curve swept over every distinct threshold."""
+    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    pts = [(0.0, 0.0)]
+    for th in sorted(set(s.tolist()), reverse=True):
+        pts.append((np.mean(s[~y] >= th), np.mean(s[y] >= th)))
+    pts.append((1.0, 1.0))
+    fpr, tpr = np.array(pts).T
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def test_refusal_auc_is_the_roc_area():
+    from tempo_jax.metrics import refusal_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(30) < 0.4
+        s = np.round(rng.normal(y * 0.7, 1.0), 1)  # ties included
+        assert refusal_auc(s, y) == pytest.approx(_roc_area(s, y), abs=1e-12)
+    assert refusal_auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert refusal_auc([0.5, 0.5], [True, False]) == 0.5
+    assert np.isnan(refusal_auc([0.5], [True]))
+
+
+def test_refusal_diagnostics_split_cross_pairs():
+    from tempo_jax.metrics import refusal_diagnostics
+
+    rows = [
+        {"qid": "a_q0", "relevant": True, "parsed": [1, 2], "p_none": 0.1},
+        {"qid": "a_r0", "relevant": False, "parsed": "refuse", "p_none": 0.9},
+        {"qid": "a_q0|pir:b_q0", "relevant": False, "parsed": [1, 2], "p_none": 0.05},
+        {"qid": "b_q0|pir:a_q0", "relevant": False, "parsed": "refuse", "p_none": 0.6},
+    ]
+    d = refusal_diagnostics(rows)
+    assert d["refusal_accuracy_cross"] == 0.5 and d["refusal_accuracy_generated"] == 1.0
+    assert d["refusal_auc"] == pytest.approx(2 / 3)
+    assert d["p_none_relevant"] == pytest.approx(0.1)
+    assert d["p_none_irrelevant"] == pytest.approx((0.9 + 0.05 + 0.6) / 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -172,3 +173,91 @@ def test_background_is_static_and_drift_is_optional(tmp_path):
     assert np.abs(frames[1:].astype(int) - frames[:-1]).mean() > 2
     with pytest.raises(ValueError):
         synthetic.SyntheticSpec(num=1, sweep_seconds=-1.0)
+
+
+HUES = ("red", "yellow", "green", "cyan", "blue", "magenta")  # 60 degrees apart on the wheel
+
+
+def _patch_colour(pixel_values: np.ndarray, temporal_patch_size: int) -> str:
+    """A plain reader of the model's input: the mean RGB of every 14x14 patch (un-normalised),
+    the patch of strongest chroma, and the named hue nearest to its hue."""
+    import colorsys
+
+    from tempo_jax.data.processor import CLIP_MEAN, CLIP_STD
+
+    n = pixel_values.shape[0]
+    x = pixel_values.reshape(n, 3, temporal_patch_size, 14, 14)
+    x = x * np.asarray(CLIP_STD)[:, None, None, None] + np.asarray(CLIP_MEAN)[:, None, None,
+                                                                               None]
+    means = np.clip(x.mean(axis=(2, 3, 4)), 0.0, 1.0)
+    best = means[int(np.argmax(means.max(1) - means.min(1)))]
+    hue = colorsys.rgb_to_hsv(*best)[0]
+
+    def dist(name: str) -> float:
+        h = colorsys.rgb_to_hsv(*(np.asarray(synthetic.COLORS[name]) / 255.0))[0]
+        return min(abs(hue - h), 1.0 - abs(hue - h))
+
+    return min(HUES, key=dist)
+
+
+def test_demo_colour_reaches_the_model_input(tmp_path):
+    """The demo's refusal cue is the object's colour: on the demo's own held-out videos, as the
+    pipeline feeds them to the vision tower (SAA, resize to the tiny token budget, patches), a
+    reader of patch means names the object's colour for >= 95% of videos."""
+    from tempo_jax import train
+    from tempo_jax.configs.tempo_r0 import get_config
+    from tempo_jax.data.pipeline import load_example
+    from tempo_jax.data.prompts import load_tokenizer
+    from tempo_jax.data.sources import VideoIndex
+
+    config = get_config("tiny")
+    spec = train.synthetic_spec(config, "val")
+    assert set(spec.palette()) == set(HUES) and spec.tint == 0
+    lines = [ln for ln in _load(synthetic.generate(tmp_path, spec)) if ln["relevant"]]
+    assert len(lines) == config.data.synthetic_val
+    pcfg = train.pipeline_config(config)
+    vision = train.model_config(config).vision
+    tok, videos = load_tokenizer(None), VideoIndex(tmp_path)
+    right = 0
+    for line in lines:
+        ex = load_example(line, videos, tok, pcfg, vision)
+        # 112x56 frames halved exactly: 2x4 patches, 2 merged tokens per temporal patch
+        assert ex["video_grid_thw"][0, 1:].tolist() == [2, 4]
+        right += _patch_colour(ex["pixel_values"], vision.temporal_patch_size) == _colour_of(
+            line["query"])
+    assert right / len(lines) >= 0.95, right
+
+
+def test_demo_look_keeps_exact_windows_and_saa_signal(tmp_path):
+    """The demo's bigger objects on a neutral background still appear exactly inside their
+    windows and in no other frame, and move across the whole frame."""
+    from tempo_jax import train
+    from tempo_jax.configs.tempo_r0 import get_config
+    from tempo_jax.data.pipeline import plan_video
+
+    config = get_config("tiny")
+    pcfg = train.pipeline_config(config)
+    spec = dataclasses.replace(train.synthetic_spec(config, "val"), num=3)
+    lines = [ln for ln in _load(synthetic.generate(tmp_path, spec)) if ln["relevant"]]
+    for line in lines:
+        frames, times = video.read_range(tmp_path / line["video"], 0.0, line["duration"])
+        [(t1, t2)] = line["windows"]
+        counts = synthetic.colour_pixels(frames, _colour_of(line["query"]))
+        inside = (times >= t1 + 1e-3) & (times <= t2 - 1e-3)
+        outside = (times < t1 - 0.2) | (times > t2 + 0.2)
+        assert counts[inside].min() > 50, line["query"]  # radius 14 px (a star: ~80 px)
+        assert counts[outside].max() == 0, line["query"]
+        # no colour cast: the background's channels agree (the hue is the object's alone)
+        spread = frames[outside].astype(int).max(-1) - frames[outside].astype(int).min(-1)
+        assert np.median(spread) <= 3
+        # SAA (as the pipeline runs it) still crowds frames inside the event
+        read = video.read_for_saa(
+            tmp_path / line["video"], lambda info, c, g: plan_video(info, c, g, pcfg.saa),
+            thumb_size=pcfg.thumbnail_size, rgb=False)
+        t = read.plan.times
+        k = (t >= t1) & (t <= t2)
+        assert (k.sum() / (t2 - t1)) / ((~k).sum() / (line["duration"] - (t2 - t1))) > 1.5
+    with pytest.raises(ValueError, match="too big"):
+        synthetic.SyntheticSpec(num=1, object_scale=0.4)
+    with pytest.raises(ValueError, match="colours"):
+        synthetic.SyntheticSpec(num=1, colours=("red", "mauve"))

@@ -142,8 +142,20 @@ def test_short_run_writes_report_plots_and_export(demo_run):
     assert [r["step"] for r in sft] == list(range(1, 7))
     assert len(rl) == 2
     for key in ("reward", "reward_format", "reward_accuracy", "clip_fraction", "kl", "entropy",
-                "response_length", "refusal_accuracy", "step_time", "tokens_per_s"):
+                "response_length", "refusal_accuracy", "step_time", "tokens_per_s",
+                "dropped_groups", "update_fill", "rollout_rounds"):
         assert key in rl[0], key
+    for r in rl:  # dynamic sampling: refills stop once the batch is full or after max_refills
+        assert 1 <= r["rollout_rounds"] <= 1 + get_config("tiny").rl.max_refills
+        assert 0.0 <= r["dropped_groups"] <= 1.0 and 0.0 <= r["update_fill"] <= 1.0
+        assert r["rollout_rounds"] == 1 or r["dropped_groups"] > 0
+    # each stage's evaluation, with the PIR diagnostics, beside the training curves
+    for stage, step in (("sft", 6), ("grpo", 8)):
+        [ev] = [r for r in rows if r["stage"] == f"eval_{stage}"]
+        assert ev["step"] == step and 0.0 <= ev["refusal_auc"] <= 1.0
+        assert ev["refusal_auc"] == saved[stage]["refusal_auc"]
+        # the held-out cross pairs: one per validation video, all irrelevant
+        assert saved[stage]["num_irrelevant"] == 2 * saved[stage]["num_relevant"]
     assert sft[-1]["loss"] < sft[0]["loss"]  # a few steps on 6 videos already lower it
     for png in ("reward_curve.png", "timeline.png"):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -153,8 +165,9 @@ def test_short_run_writes_report_plots_and_export(demo_run):
     assert settings["prompt"]["textual_timestamps"] is True
     assert settings["saa"]["max_visual_tokens"] == SMALL["saa.max_visual_tokens"]
     # every scalar of metrics.jsonl reached the TensorBoard event file before `run` returned
-    expected = sorted((f"{r['stage']}/{k}", r["step"]) for r in rows for k in r
-                      if k not in ("stage", "step"))
+    # (TensorBoard tags spell "r1@0.5" as "r1_0.5")
+    expected = sorted((f"{r['stage']}/{k}".replace("@", "_"), r["step"]) for r in rows
+                      for k in r if k not in ("stage", "step"))
     assert sorted(_tb_scalars(workdir)) == expected
     assert not list(workdir.glob(".*partial*"))  # no staging file or directory left behind
     # every checkpoint carries the same settings in its metadata
@@ -355,6 +368,52 @@ def test_pir_resampled_pairs_equal_loaded_ones(demo_run, tmp_path):
                 for key in ("input_ids", "position_ids", "loss_mask", "pixel_values"):
                     np.testing.assert_array_equal(ex[key], ref[key])
         assert len(seen) >= 4  # new pairings across steps, not one fixed set
+
+
+def test_contrast_pairs_exact_counts_and_teacher_forced_p_none(demo_run, tmp_path):
+    """SFT contrast pairs are one video asked its own query and another video's; GRPO batches
+    hold exactly `irrelevant` PIR pairs; the evaluation's P(none) is the softmax of a plain
+    full-sequence forward at the position where a refusal's answer departs from a window."""
+    from tempo_jax.data.pipeline import collate, model_inputs
+    from tempo_jax.data.synthetic import query_colour
+    from tempo_jax.evaluate import refusal_probabilities
+
+    wd = tmp_path / "contrast"
+    shutil.copytree(demo_run[0] / "data", wd / "data")
+    config = small_config(**{"data.irrelevant_ratio": 0.5})
+    with train_lib.Trainer(config, wd) as trainer:
+        data = train_lib.prepare_data(config, wd)
+        pcfg = train_lib.pipeline_config(config, batch_size=4)
+        examples = trainer._examples(data, "train", pcfg)
+        by_qid = {r["qid"]: r for r in data.train}
+        for step in range(4):
+            rng = np.random.default_rng([0, 1, step])
+            picked = trainer._pick(examples, rng, 8, data, pcfg, contrast_share=0.5)
+            assert len(picked) == 8
+            for own, pair in (picked[0:2], picked[2:4]):
+                assert own["relevant"] and own["windows"] and not pair["relevant"]
+                assert pair["qid"].startswith(own["qid"] + "|pir:")
+                np.testing.assert_array_equal(own["pixel_values"], pair["pixel_values"])
+                assert query_colour(pair["query"]) not in by_qid[own["qid"]]["colours"]
+            for k in (0, 1, 3):
+                picked = trainer._pick(examples, rng, 4, data, pcfg, irrelevant=k)
+                assert sum(not ex["relevant"] for ex in picked) == k
+
+        val = trainer._examples(data, "val", train_lib.pipeline_config(config))
+        tf = train_lib.pipeline_config(config, batch_size=len(val))
+        batch = collate(val, tf, trainer.model.config.vision)
+        model = train_lib._merge(trainer.graphdef, trainer.params, trainer.frozen)
+        got = refusal_probabilities(model, [batch], trainer.tokenizer, tf.prompt)
+        logits = np.asarray(model.forward(model_inputs(batch)), np.float64)
+        none_id = trainer.tokenizer.encode("none")[0]
+        assert set(got) == {ex["qid"] for ex in val}
+        prefix = len(trainer.tokenizer.encode("<answer>"))  # shared by refusals and windows
+        assert not all(ex["relevant"] for ex in val)
+        for i, ex in enumerate(val):
+            pos = int(np.argmax(batch["loss_mask"][i])) + prefix  # the choice's position
+            assert (batch["input_ids"][i, pos] == none_id) == (not ex["relevant"])
+            p = np.exp(logits[i, pos - 1] - logits[i, pos - 1].max())
+            assert got[ex["qid"]] == pytest.approx(p[none_id] / p.sum(), rel=1e-4)
 
 
 @pytest.mark.parametrize("pad_side", ["left", "right"])

@@ -54,7 +54,21 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # model learns neither within the demo's budget, so the demo keeps one
     c.data.synthetic_max_events = 1
     c.data.synthetic_distractor_prob = 0.0  # an extra object that is never asked about
+    # (ours) how the demo's videos look: the refusal cue (the object's colour) must survive
+    # the tiny token budget. 112x56 frames are halved exactly to 28x56 (2 merged tokens);
+    # objects of radius 0.25 * 56 px fill most of a 14x14 patch; a neutral background (tint 0)
+    # and the six hues 60 degrees apart (no white) leave every patch's hue to the object
+    c.data.synthetic_width = 112
+    c.data.synthetic_height = 56
+    c.data.synthetic_object_scale = 0.25  # radius as a fraction of min(width, height)
+    c.data.synthetic_tint = 0.0  # the background's colour cast, per channel +-
+    c.data.synthetic_colours = "red,yellow,green,cyan,blue,magenta"
+    c.data.synthetic_whole_frame = True  # a lone object sweeps the whole frame, not a quarter
     c.data.irrelevant_ratio = 0.2  # PIR: share of queries paired with another video
+    # (ours) the irrelevant pairs of the evaluation: besides each held-out video's generated
+    # refusal query, this many pairs per video of its video with another held-out video's
+    # query (queries the model never saw with that video)
+    c.data.val_cross_pairs = 1 if tiny else 0
     # cached mode: draw the PIR pairings afresh every step instead of once (a small dataset's
     # fixed pairs are learnt by heart rather than by checking the video)
     c.data.pir_resample = tiny
@@ -86,6 +100,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.sft.batch_size = 16 if tiny else 64  # global batch (sequences)
     c.sft.learning_rate = 2e-3 if tiny else 1e-5
     c.sft.warmup_steps = 30 if tiny else 100
+    # (ours) share of each batch's rows in contrast pairs: one video with its own query (its
+    # window) and with another video's query (a refusal), so neither the video alone nor the
+    # query alone predicts the answer; the other rows are PIR pairs by `data.irrelevant_ratio`
+    c.sft.contrast_share = 0.5 if tiny else 0.0
 
     # ------------------------------------------------------------------ PIR-GRPO
     c.rl = ml_collections.ConfigDict()
@@ -94,6 +112,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rl.num_generations = 8  # G
     c.rl.learning_rate = 2e-4 if tiny else 1e-6
     c.rl.warmup_steps = 5 if tiny else 20
+    # (ours) exactly this many irrelevant prompts in every step's batch (-1: each prompt is
+    # irrelevant with probability data.irrelevant_ratio, so some steps have none)
+    c.rl.irrelevant_prompts = 3 if tiny else -1
+    # DAPO dynamic sampling (verl's filter_groups): drop groups whose rewards are all equal
+    # (zero advantage), roll out more prompts to refill the batch, at most `max_refills` times;
+    # what is still missing is padded with masked rows (no gradient)
+    c.rl.filter_groups = True
+    c.rl.max_refills = 2
     c.rl.temperature = 1.0
     c.rl.top_p = 1.0
     c.rl.max_new_tokens = 16 if tiny else 256

@@ -301,6 +301,7 @@ def make_loader(
     shard_count: int = 1,
     patch_capacity: int | None = None,
     require_usable: bool = False,
+    collated: bool = True,
 ) -> Loader:
     """Grain pipeline: source -> (per-host shard) -> shuffle / repeat -> load in workers ->
     drop and count broken examples -> static-shape batches.
@@ -310,6 +311,8 @@ def make_loader(
     `batch_size * 4 * saa.max_visual_tokens`, every example's worst case). `require_usable`
     (training streams): when every record of the shard fails in a row, raise `NoUsableData`
     instead of skipping forever; evaluation leaves it off and reports each failure.
+    `collated=False` yields each batch as its list of examples (the caller collates, e.g.
+    after choosing among several batches' examples; `batch_patch_capacity` keeps one shape).
     """
     ds = grain.MapDataset.source(GroundingSource(records))
     if shard_count > 1:
@@ -332,6 +335,6 @@ def make_loader(
     counter = SkipCounter(give_up_after=n_records if require_usable else None)
     it = it.filter(counter)
     capacity = patch_capacity or batch_patch_capacity(cfg, vision)
-    it = it.batch(cfg.batch_size,
-                  batch_fn=lambda exs: collate(exs, cfg, vision, patch_capacity=capacity))
+    it = it.batch(cfg.batch_size, batch_fn=(
+        (lambda exs: collate(exs, cfg, vision, patch_capacity=capacity)) if collated else list))
     return Loader(it, counter)

@@ -101,6 +101,11 @@ class SyntheticSpec:
     max_event_fraction: float = 0.6  # ... upper bound (shorter events: harder to guess)
     sweep_seconds: float = 2.0  # an object crosses its lane this often; 0: once per window
     outline: bool = True  # black outline around objects (luma contrast for every colour)
+    object_scale: float = 0.11  # object radius as a fraction of min(width, height)
+    tint: float = 10.0  # the background's per-video colour cast: each channel +- up to this
+    colours: tuple[str, ...] | None = None  # the colours drawn from (None: all of COLORS)
+    # a video with a single object moves it across the whole frame (not one quarter of it)
+    whole_frame_single: bool = False
 
     def __post_init__(self) -> None:
         if self.num < 0:
@@ -116,16 +121,40 @@ class SyntheticSpec:
             )
         if not 1 <= self.max_events <= 3:  # each object owns a quarter of the frame
             raise ValueError(f"max_events must be in [1, 3], got {self.max_events}")
+        palette = self.palette()
+        unknown = [c for c in palette if c not in COLORS]
+        if unknown or len(set(palette)) < 2:
+            raise ValueError(f"colours must be 2 or more distinct names from {sorted(COLORS)}, "
+                             f"got {list(palette)}")
+        if not self.tint >= 0:
+            raise ValueError(f"tint must be >= 0, got {self.tint}")
+        r = self.radius()
+        whole = self.whole_frame_single and self.max_events == 1 and self.distractor_prob == 0
+        lane = min(self.width, self.height) // (1 if whole else 2)
+        if 2 * r + 4 > lane:  # an object must fit, and move, in its lane
+            raise ValueError(f"object_scale {self.object_scale} gives objects of radius {r} px, "
+                             f"too big for {'the' if whole else 'the quarters of the'} "
+                             f"{self.width}x{self.height} frame")
         if not (self.background_drift >= 0 and self.sweep_seconds >= 0):
             raise ValueError(
                 f"background_drift and sweep_seconds must be >= 0, got {self.background_drift}, "
                 f"{self.sweep_seconds}"
             )
 
+    def palette(self) -> tuple[str, ...]:
+        """The colour names objects and refusal queries are drawn from."""
+        return tuple(self.colours) if self.colours is not None else tuple(COLORS)
+
+    def radius(self) -> int:
+        """Object radius in pixels."""
+        return max(3, int(round(self.object_scale * min(self.width, self.height))))
+
     def looks(self) -> dict[str, Any]:
         """The fields that decide a video's content (all but ``num``)."""
         d = dataclasses.asdict(self)
         d.pop("num")
+        if d["colours"] is not None:
+            d["colours"] = list(d["colours"])
         return d
 
 
@@ -155,12 +184,13 @@ def plan_video(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, Any]:
 
     n_events = int(rng.integers(1, spec.max_events + 1))
     has_distractor = bool(rng.random() < spec.distractor_prob)
-    colours = [str(c) for c in rng.permutation(list(COLORS))]
+    colours = [str(c) for c in rng.permutation(list(spec.palette()))]
     used = colours[: n_events + int(has_distractor)]
     free = colours[n_events + int(has_distractor) :]
 
-    r = max(3, int(round(0.11 * min(spec.width, spec.height))))  # object radius in pixels
+    r = spec.radius()
     cells = [int(c) for c in rng.permutation(4)]  # one quarter of the frame per object
+    whole = spec.whole_frame_single and len(used) == 1
     objects = []
     for k, colour in enumerate(used):
         shape = str(SHAPES[int(rng.integers(len(SHAPES)))])
@@ -175,8 +205,8 @@ def plan_video(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, Any]:
         # Straight path along the motion direction inside the object's own quarter of the
         # frame, so objects never occlude each other (pixel tests stay exact).
         dx, dy = MOTIONS[motion][1]
-        col, row = cells[k] % 2, cells[k] // 2
-        cell_w, cell_h = spec.width / 2, spec.height / 2
+        col, row = (0, 0) if whole else (cells[k] % 2, cells[k] // 2)
+        cell_w, cell_h = (spec.width, spec.height) if whole else (spec.width / 2, spec.height / 2)
         xa, xb = col * cell_w + r + 1, (col + 1) * cell_w - r - 2
         ya, yb = row * cell_h + r + 1, (row + 1) * cell_h - r - 2
         x0 = x1 = float(rng.uniform(xa, xb))
@@ -219,6 +249,7 @@ def plan_video(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, Any]:
         "width": spec.width,
         "height": spec.height,
         "texture_seed": int(rng.integers(2**31)),
+        "tint": float(spec.tint),
         "background_drift": float(spec.background_drift),
         "sweep_seconds": float(spec.sweep_seconds),
         "outline": max(1, int(round(r / 8))) if spec.outline else 0,
@@ -249,8 +280,9 @@ def _shape_mask(shape: str, r: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _texture(seed: int, height: int, width: int) -> np.ndarray:
-    """A deterministic low-saturation noise texture [H, W, 3] (float) in about 50..175."""
+def _texture(seed: int, height: int, width: int, tint: float = 10.0) -> np.ndarray:
+    """A deterministic low-saturation noise texture [H, W, 3] (float) in about 50..175, its
+    colour cast up to `tint` per channel (0: neutral grey, so any hue is an object's)."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0.0, 1.0, (height // 8 + 2, width // 8 + 2))
     up = np.kron(coarse, np.ones((8, 8)))[:height, :width]
@@ -261,8 +293,8 @@ def _texture(seed: int, height: int, width: int) -> np.ndarray:
     smooth = (cs[k:, k:] - cs[:-k, k:] - cs[k:, :-k] + cs[:-k, :-k]) / (k * k)
     fine = rng.uniform(-1.0, 1.0, (height, width))
     grey = 60.0 + 90.0 * smooth + 12.0 * fine
-    tint = rng.uniform(-10.0, 10.0, 3)
-    return np.clip(grey[..., None] + tint, 50.0, 175.0)
+    cast = rng.uniform(-1.0, 1.0, 3) * tint  # drawn whatever `tint`: same texture for a seed
+    return np.clip(grey[..., None] + cast, 50.0, 175.0)
 
 
 def _erode(mask: np.ndarray, k: int) -> np.ndarray:
@@ -283,7 +315,8 @@ def _render_frames(plan: dict[str, Any]):
     w, h = plan["width"], plan["height"]
     rate = Fraction(plan["fps"]).limit_denominator(1001)
     margin = max(4, min(w, h) // 12)
-    tex = _texture(plan["texture_seed"], h + 2 * margin, w + 2 * margin).astype(np.uint8)
+    tex = _texture(plan["texture_seed"], h + 2 * margin, w + 2 * margin,
+                   plan.get("tint", 10.0)).astype(np.uint8)
     drift = min(float(plan["background_drift"]), float(margin))
     sweep = float(plan["sweep_seconds"])
     objects = plan["events"] + plan["distractors"]

@@ -10,10 +10,11 @@ sampler reports them), not the tempered or truncated sampling distribution.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -192,3 +193,32 @@ def token_entropy(logits: Array) -> Array:
     logp = jax.nn.log_softmax(x, axis=-1)
     p = jnp.exp(logp)
     return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+
+
+# ---------------------------------------------------------------------------- dynamic sampling
+
+
+def informative_groups(rewards, num_generations: int) -> np.ndarray:
+    """[N * G] prompt-major rewards -> [N] bool: groups whose rewards are not all equal.
+    A group of equal rewards has advantage 0 everywhere: it only dilutes the batch."""
+    r = np.asarray(rewards, np.float64).reshape(-1, num_generations)
+    return np.ptp(r, axis=1) > 0
+
+
+def fill_groups(informative: Sequence[np.ndarray], batch_groups: int
+                ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """DAPO's dynamic sampling (verl's `filter_groups`), the choice of one update batch from
+    several rollout rounds: `informative[k][j]` says whether group j of round k carries signal.
+
+    Returns `batch_groups` (round, group) picks, informative groups first in the order they
+    were rolled out, and a [batch_groups] bool mask, False where the rounds ran out of
+    informative groups and an uninformative one only pads the batch to its static shape
+    (the trainer masks those rows out of the loss entirely)."""
+    good = [(k, j) for k, f in enumerate(informative) for j in np.flatnonzero(f)]
+    rest = [(k, j) for k, f in enumerate(informative) for j in np.flatnonzero(~np.asarray(f))]
+    picks = (good + rest)[:batch_groups]
+    if len(picks) < batch_groups:
+        raise ValueError(f"{len(picks)} groups rolled out, fewer than the batch's "
+                         f"{batch_groups}")
+    valid = np.arange(batch_groups) < len(good)
+    return [(int(k), int(j)) for k, j in picks], valid
