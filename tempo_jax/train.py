@@ -113,7 +113,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         text = dataclasses.replace(cfg.text, **config.model.tiny_overrides)
         hd = text.head_dim  # keep Qwen's 2:3:3 split of the rotary bands over (t, h, w)
         text = dataclasses.replace(text, mrope_section=(hd // 8, 3 * hd // 16, 3 * hd // 16))
-        vision = dataclasses.replace(cfg.vision, out_hidden_size=text.hidden_size)
+        vision = dataclasses.replace(cfg.vision, out_hidden_size=text.hidden_size,
+                                     **config.model.get("tiny_vision_overrides", {}))
         cfg = cfg.replace(text=text, vision=vision)
     return cfg
 
@@ -177,6 +178,7 @@ def synthetic_spec(config, which: str):
         min_event_fraction=d.synthetic_min_event, max_event_fraction=d.synthetic_max_event,
         width=d.get("synthetic_width", 128), height=d.get("synthetic_height", 96),
         object_scale=d.get("synthetic_object_scale", 0.11), tint=d.get("synthetic_tint", 10.0),
+        texture_contrast=d.get("synthetic_texture_contrast", 1.0),
         colours=colours or None, whole_frame_single=d.get("synthetic_whole_frame", False))
 
 
@@ -1063,7 +1065,9 @@ def baseline_constant_window(train: list[dict], val_rows: list[dict]) -> dict:
 
 
 def plot_curves(workdir: Path) -> Path | None:
-    """Reward curve (PIR-GRPO) and loss curve (SFT) from metrics.jsonl."""
+    """SFT loss; PIR-GRPO reward; refusals of irrelevant rollouts, false refusals of relevant
+    ones and the share of groups dynamic sampling dropped (moving averages), from
+    metrics.jsonl, with each stage's held-out evaluation marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1072,21 +1076,42 @@ def plot_curves(workdir: Path) -> Path | None:
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
     sft = [r for r in rows if r["stage"] == "sft"]
     rl = [r for r in rows if r["stage"] == "grpo"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    evals = {r["stage"][5:]: r for r in rows if r["stage"].startswith("eval_")}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+
+    def smooth(key):
+        vals = np.asarray([r.get(key, np.nan) for r in rl], np.float64)
+        k = min(5, len(vals))
+        ok = np.isfinite(vals)  # a step without irrelevant prompts has no refusal rate
+        num = np.convolve(np.where(ok, vals, 0.0), np.ones(k), mode="valid")
+        den = np.convolve(ok.astype(float), np.ones(k), mode="valid")
+        return [r["step"] for r in rl][k - 1:], np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
     if sft:
         axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
-        axes[0].set(title="SFT answer loss", xlabel="step", ylabel="cross-entropy")
+        axes[0].set(title="SFT answer loss", xlabel="step", ylabel="cross-entropy",
+                    yscale="log")
     if rl:
-        steps = [r["step"] for r in rl]
         for key, label in (("reward", "total"), ("reward_format", "format"),
                            ("reward_accuracy", "accuracy")):
             if key in rl[0]:
-                vals = np.asarray([r[key] for r in rl])
-                k = min(5, len(vals))
-                smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
-                axes[1].plot(steps[k - 1:], smooth, label=label)
+                axes[1].plot(*smooth(key), label=label)
         axes[1].set(title="PIR-GRPO reward (moving average)", xlabel="step", ylabel="reward")
         axes[1].legend()
+        for key, label in (("refusal_accuracy", "irrelevant rollouts refused"),
+                           ("false_refusal_rate", "relevant rollouts refused"),
+                           ("dropped_groups", "groups dropped (equal rewards)")):
+            if key in rl[0]:
+                axes[2].plot(*smooth(key), label=label)
+    for stage, marker in (("sft", "s"), ("grpo", "o")):
+        ev = evals.get(stage)
+        if ev is not None:
+            for key, colour in (("refusal_accuracy", "C0"), ("false_refusal_rate", "C1")):
+                axes[2].plot([ev["step"]], [ev[key]], marker, color=colour, mfc="none",
+                             label=f"{key.replace('_', ' ')} after {stage} (held-out)")
+    axes[2].set(title="PIR: refusals (moving average)", xlabel="step", ylabel="share",
+                ylim=(-0.03, 1.03))
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     out = workdir / "reward_curve.png"
     fig.savefig(out, dpi=110)

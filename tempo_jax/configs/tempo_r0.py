@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from tempo_jax.data.prompts import DEFAULT_QUESTION, DEFAULT_SYSTEM
+
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in ("tiny", "3b", "7b"):
@@ -35,6 +37,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.tiny_overrides.num_hidden_layers = 4
     c.model.tiny_overrides.num_attention_heads = 4
     c.model.tiny_overrides.intermediate_size = 256
+    c.model.tiny_vision_overrides = ml_collections.ConfigDict()  # tiny only: the vision tower
+    c.model.tiny_vision_overrides.hidden_size = 32
+    c.model.tiny_vision_overrides.intermediate_size = 64
 
     # ------------------------------------------------------------------ data
     c.data = ml_collections.ConfigDict()
@@ -62,6 +67,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.synthetic_height = 56
     c.data.synthetic_object_scale = 0.25  # radius as a fraction of min(width, height)
     c.data.synthetic_tint = 0.0  # the background's colour cast, per channel +-
+    c.data.synthetic_texture_contrast = 0.3  # background texture (1: the generator's default)
     c.data.synthetic_colours = "red,yellow,green,cyan,blue,magenta"
     c.data.synthetic_whole_frame = True  # a lone object sweeps the whole frame, not a quarter
     c.data.irrelevant_ratio = 0.2  # PIR: share of queries paired with another video
@@ -93,6 +99,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.prompt.thinking = False  # <think>...</think> before <answer>
     c.prompt.answer_decimals = 0 if tiny else 1  # precision of the answer's seconds
     c.prompt.query_first = False  # question before the video (the video tokens see it)
+    c.prompt.system_prompt = DEFAULT_SYSTEM
+    # fields {query} and {format} (the answer-format instruction)
+    c.prompt.question_template = DEFAULT_QUESTION
 
     # ------------------------------------------------------------------ SFT
     c.sft = ml_collections.ConfigDict()

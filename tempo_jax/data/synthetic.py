@@ -103,6 +103,7 @@ class SyntheticSpec:
     outline: bool = True  # black outline around objects (luma contrast for every colour)
     object_scale: float = 0.11  # object radius as a fraction of min(width, height)
     tint: float = 10.0  # the background's per-video colour cast: each channel +- up to this
+    texture_contrast: float = 1.0  # scales the background texture's deviations from mid-grey
     colours: tuple[str, ...] | None = None  # the colours drawn from (None: all of COLORS)
     # a video with a single object moves it across the whole frame (not one quarter of it)
     whole_frame_single: bool = False
@@ -126,8 +127,9 @@ class SyntheticSpec:
         if unknown or len(set(palette)) < 2:
             raise ValueError(f"colours must be 2 or more distinct names from {sorted(COLORS)}, "
                              f"got {list(palette)}")
-        if not self.tint >= 0:
-            raise ValueError(f"tint must be >= 0, got {self.tint}")
+        if not (self.tint >= 0 and self.texture_contrast >= 0):
+            raise ValueError(f"tint and texture_contrast must be >= 0, got {self.tint}, "
+                             f"{self.texture_contrast}")
         r = self.radius()
         whole = self.whole_frame_single and self.max_events == 1 and self.distractor_prob == 0
         lane = min(self.width, self.height) // (1 if whole else 2)
@@ -250,6 +252,7 @@ def plan_video(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, Any]:
         "height": spec.height,
         "texture_seed": int(rng.integers(2**31)),
         "tint": float(spec.tint),
+        "texture_contrast": float(spec.texture_contrast),
         "background_drift": float(spec.background_drift),
         "sweep_seconds": float(spec.sweep_seconds),
         "outline": max(1, int(round(r / 8))) if spec.outline else 0,
@@ -280,9 +283,11 @@ def _shape_mask(shape: str, r: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _texture(seed: int, height: int, width: int, tint: float = 10.0) -> np.ndarray:
+def _texture(seed: int, height: int, width: int, tint: float = 10.0,
+             contrast: float = 1.0) -> np.ndarray:
     """A deterministic low-saturation noise texture [H, W, 3] (float) in about 50..175, its
-    colour cast up to `tint` per channel (0: neutral grey, so any hue is an object's)."""
+    colour cast up to `tint` per channel (0: neutral grey, so any hue is an object's) and its
+    deviations from mid-grey scaled by `contrast` (low: objects dominate every patch)."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0.0, 1.0, (height // 8 + 2, width // 8 + 2))
     up = np.kron(coarse, np.ones((8, 8)))[:height, :width]
@@ -293,6 +298,7 @@ def _texture(seed: int, height: int, width: int, tint: float = 10.0) -> np.ndarr
     smooth = (cs[k:, k:] - cs[:-k, k:] - cs[k:, :-k] + cs[:-k, :-k]) / (k * k)
     fine = rng.uniform(-1.0, 1.0, (height, width))
     grey = 60.0 + 90.0 * smooth + 12.0 * fine
+    grey = 112.5 + contrast * (grey - 112.5)
     cast = rng.uniform(-1.0, 1.0, 3) * tint  # drawn whatever `tint`: same texture for a seed
     return np.clip(grey[..., None] + cast, 50.0, 175.0)
 
@@ -316,7 +322,7 @@ def _render_frames(plan: dict[str, Any]):
     rate = Fraction(plan["fps"]).limit_denominator(1001)
     margin = max(4, min(w, h) // 12)
     tex = _texture(plan["texture_seed"], h + 2 * margin, w + 2 * margin,
-                   plan.get("tint", 10.0)).astype(np.uint8)
+                   plan.get("tint", 10.0), plan.get("texture_contrast", 1.0)).astype(np.uint8)
     drift = min(float(plan["background_drift"]), float(margin))
     sweep = float(plan["sweep_seconds"])
     objects = plan["events"] + plan["distractors"]
