@@ -67,7 +67,7 @@ from tempo_jax.rl import rewards as rewards_lib
 log = logging.getLogger("tempo_jax.train")
 
 SETTINGS_FILE = "tempo_settings.json"  # SAA / ETA / prompt settings, saved beside every export
-REPORT_KEYS = ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate", "refusal_auc")
+REPORT_KEYS = ("r1@0.5", "miou", "refusal_accuracy", "false_refusal_rate")
 
 
 # ============================================================================ settings
@@ -1103,13 +1103,15 @@ def plot_curves(workdir: Path) -> Path | None:
                            ("dropped_groups", "groups dropped (equal rewards)")):
             if key in rl[0]:
                 axes[2].plot(*smooth(key), label=label)
-    for stage, marker in (("sft", "s"), ("grpo", "o")):
+    # held-out evaluations on the GRPO axis: after SFT at its start, after GRPO at its end
+    last = rl[-1]["step"] if rl else 0
+    for stage, marker, x in (("sft", "s", 0), ("grpo", "o", last)):
         ev = evals.get(stage)
         if ev is not None:
             for key, colour in (("refusal_accuracy", "C0"), ("false_refusal_rate", "C1")):
-                axes[2].plot([ev["step"]], [ev[key]], marker, color=colour, mfc="none",
+                axes[2].plot([x], [ev[key]], marker, color=colour, mfc="none", ms=8,
                              label=f"{key.replace('_', ' ')} after {stage} (held-out)")
-    axes[2].set(title="PIR: refusals (moving average)", xlabel="step", ylabel="share",
+    axes[2].set(title="PIR: refusals (moving average)", xlabel="PIR-GRPO step", ylabel="share",
                 ylim=(-0.03, 1.03))
     axes[2].legend(fontsize=7)
     fig.tight_layout()
@@ -1183,7 +1185,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if main:
                 fileio.write_text(path, json.dumps(metrics, indent=2))
-            log.info("%s: %s", stage, {k: report[stage][k] for k in REPORT_KEYS})
+            log.info("%s: %s", stage, {k: report[stage].get(k) for k in (*REPORT_KEYS,
+                                                                          "refusal_auc")})
 
         if trainer.run(data, after_stage)["preempted"]:
             step = trainer.ckpt.latest_step()
