@@ -170,16 +170,19 @@ def synthetic_spec(config, which: str):
     from tempo_jax.data.synthetic import SyntheticSpec
 
     d = config.data
+    # fields older configs lack fall back to SyntheticSpec's own defaults
+    look = {f: d[k] for f, k in (("width", "synthetic_width"), ("height", "synthetic_height"),
+                                 ("object_scale", "synthetic_object_scale"),
+                                 ("tint", "synthetic_tint"),
+                                 ("texture_contrast", "synthetic_texture_contrast"),
+                                 ("whole_frame_single", "synthetic_whole_frame")) if k in d}
     colours = tuple(x.strip() for x in d.get("synthetic_colours", "").split(",") if x.strip())
     return SyntheticSpec(
         num=d[f"synthetic_{which}"], seed=config.seed + (10_000 if which == "val" else 0),
         min_duration=d.synthetic_min_duration, max_duration=d.synthetic_max_duration,
         max_events=d.synthetic_max_events, distractor_prob=d.synthetic_distractor_prob,
         min_event_fraction=d.synthetic_min_event, max_event_fraction=d.synthetic_max_event,
-        width=d.get("synthetic_width", 128), height=d.get("synthetic_height", 96),
-        object_scale=d.get("synthetic_object_scale", 0.11), tint=d.get("synthetic_tint", 10.0),
-        texture_contrast=d.get("synthetic_texture_contrast", 1.0),
-        colours=colours or None, whole_frame_single=d.get("synthetic_whole_frame", False))
+        colours=colours or None, **look)
 
 
 def prepare_data(config, workdir: Path) -> Data:
