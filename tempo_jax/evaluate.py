@@ -346,10 +346,12 @@ def refusal_probabilities(model: Any, batches: Iterable[dict], tokenizer: Any,
     from tempo_jax.data.pipeline import model_inputs
     from tempo_jax.data.prompts import encode_text, format_answer
 
-    none = encode_text(tokenizer, format_answer(None, prompt_cfg))
-    window = encode_text(tokenizer, format_answer((1.0, 2.0), prompt_cfg))
+    # The tokens just before a refusal's answer first differs from a window's ("answer", ">")
+    # mark the decision in each row; with a caption think its offset varies with the caption.
+    none = encode_text(tokenizer, format_answer(None, prompt_cfg, "x"))
+    window = encode_text(tokenizer, format_answer((1.0, 2.0), prompt_cfg, "x"))
     p = next(i for i, (a, b) in enumerate(zip(none, window, strict=False)) if a != b)
-    none_id = none[p]
+    none_id, mark = none[p], none[max(0, p - 2):p]
     out: dict[str, float] = {}
 
     @jax.jit
@@ -359,12 +361,24 @@ def refusal_probabilities(model: Any, batches: Iterable[dict], tokenizer: Any,
 
     graphdef, state = nnx.split(model)
     for batch in batches:
-        first = np.argmax(batch["loss_mask"], axis=1)  # the answer's first token
-        pos = (first + p - 1).astype(np.int32)[:, None]  # the logits predicting token p
+        pos = np.zeros((len(batch["meta"]), 1), np.int32)  # the logits predicting the decision
+        for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["loss_mask"],
+                                            strict=True)):
+            at = _find(list(ids[np.argmax(mask):]), mark)
+            if at < 0:
+                raise ValueError(f"{batch['meta'][i]['qid']}: no {tokenizer.decode(mark)!r} in "
+                                 "the answer")
+            pos[i, 0] = np.argmax(mask) + at + len(mark) - 1
         probs = np.asarray(prob(state, model_inputs(batch), jnp.asarray(pos)))
         for m, q in zip(batch["meta"], probs, strict=True):
             out[str(m["qid"])] = float(q)
     return out
+
+
+def _find(seq: list, sub: list) -> int:
+    """Index of the first occurrence of `sub` in `seq`, or -1."""
+    n = len(sub)
+    return next((i for i in range(len(seq) - n + 1) if seq[i:i + n] == sub), -1)
 
 
 def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,

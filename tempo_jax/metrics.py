@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,7 +134,19 @@ def refusal_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
            if not f and "|pir:" not in str(r.get("qid", ""))]
     out["refusal_accuracy_cross"] = _fraction(sum(cross), len(cross))
     out["refusal_accuracy_generated"] = _fraction(sum(own), len(own))
+    # with a caption think: does the model say what the video shows (the step before the
+    # decision)? `caption` is the annotation's, `answer` the generated text
+    said = [_think(r.get("answer") or "").find(r["caption"].lower()) >= 0
+            for r in rows if r.get("caption") and "answer" in r]
+    if said:
+        out["caption_accuracy"] = _fraction(sum(said), len(said))
     return out
+
+
+def _think(text: str) -> str:
+    """The lower-cased text inside a completion's first `<think>…</think>` ("" if none)."""
+    m = re.search(r"<think>(.*?)</think>", text, re.IGNORECASE | re.DOTALL)
+    return m.group(1).lower() if m else ""
 
 
 # --- QVHighlights official metrics -----------------------------------------------------------

@@ -150,3 +150,20 @@ def test_refusal_diagnostics_split_cross_pairs():
     assert d["refusal_auc"] == pytest.approx(2 / 3)
     assert d["p_none_relevant"] == pytest.approx(0.1)
     assert d["p_none_irrelevant"] == pytest.approx((0.9 + 0.05 + 0.6) / 3)
+    assert "caption_accuracy" not in d  # no captions, no figure
+
+
+def test_caption_accuracy_reads_the_think():
+    from tempo_jax.metrics import refusal_diagnostics
+
+    rows = [
+        {"qid": "a", "relevant": True, "parsed": [1, 2], "caption": "a red star",
+         "answer": "<think>I see a Red Star.</think><answer>1 to 2</answer>"},
+        {"qid": "b", "relevant": False, "parsed": "refuse", "caption": "a blue circle",
+         "answer": "<think>I see a blue star.</think><answer>none</answer>"},
+        # the caption outside the think does not count
+        {"qid": "c", "relevant": True, "parsed": None, "caption": "a red star",
+         "answer": "<answer>a red star</answer>"},
+        {"qid": "d", "relevant": True, "parsed": None, "caption": None, "answer": "x"},
+    ]
+    assert refusal_diagnostics(rows)["caption_accuracy"] == pytest.approx(1 / 3)

@@ -122,6 +122,16 @@ def test_format_answer():
     assert format_answer((1, 2), PromptConfig(answer_decimals=2)) == "<answer>1.00 to 2.00</answer>"
     with pytest.raises(ValueError):
         format_answer((5.0, 1.0), cfg)
+    # a caption think: what the video shows, the same for a window and a refusal; the caption
+    # is ignored unless the switch is on, and the verdict think is kept without a caption
+    cap = PromptConfig(thinking=True, caption_think=True)
+    assert format_answer((1, 2), cap, "a red star") == (
+        "<think>I see a red star.</think><answer>1.0 to 2.0</answer>")
+    assert format_answer(None, cap, "a red star") == (
+        "<think>I see a red star.</think><answer>none</answer>")
+    assert format_answer(None, cap) == format_answer(None, th)
+    assert format_answer(None, th, "a red star") == format_answer(None, th)
+    assert format_answer(None, cfg, "a red star") == "<answer>none</answer>"
 
 
 def test_question_text():

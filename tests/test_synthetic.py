@@ -39,7 +39,10 @@ def test_annotations_parse(generated):
     assert len({line["qid"] for line in lines}) == len(lines)
     for line in lines:
         assert set(line) == {"video", "query", "windows", "duration", "qid", "relevant",
-                             "colours"}
+                             "colours", "caption"}
+        # the caption names every object shown, so every colour shown (a caption think)
+        assert sorted(w for w in line["caption"].split() if w in line["colours"]) == sorted(
+            line["colours"])
         # the colours shown: every relevant query names one, no refusal query does
         from tempo_jax.data.synthetic import query_colour
 

@@ -375,9 +375,7 @@ def test_contrast_pairs_exact_counts_and_teacher_forced_p_none(demo_run, tmp_pat
     """SFT contrast pairs are one video asked its own query and another video's; GRPO batches
     hold exactly `irrelevant` PIR pairs; the evaluation's P(none) is the softmax of a plain
     full-sequence forward at the position where a refusal's answer departs from a window."""
-    from tempo_jax.data.pipeline import collate, model_inputs
     from tempo_jax.data.synthetic import query_colour
-    from tempo_jax.evaluate import refusal_probabilities
 
     wd = tmp_path / "contrast"
     shutil.copytree(demo_run[0] / "data", wd / "data")
@@ -400,21 +398,58 @@ def test_contrast_pairs_exact_counts_and_teacher_forced_p_none(demo_run, tmp_pat
                 picked = trainer._pick(examples, rng, 4, data, pcfg, irrelevant=k)
                 assert sum(not ex["relevant"] for ex in picked) == k
 
-        val = trainer._examples(data, "val", train_lib.pipeline_config(config))
-        tf = train_lib.pipeline_config(config, batch_size=len(val))
-        batch = collate(val, tf, trainer.model.config.vision)
-        model = train_lib._merge(trainer.graphdef, trainer.params, trainer.frozen)
-        got = refusal_probabilities(model, [batch], trainer.tokenizer, tf.prompt)
-        logits = np.asarray(model.forward(model_inputs(batch)), np.float64)
-        none_id = trainer.tokenizer.encode("none")[0]
-        assert set(got) == {ex["qid"] for ex in val}
-        prefix = len(trainer.tokenizer.encode("<answer>"))  # shared by refusals and windows
-        assert not all(ex["relevant"] for ex in val)
-        for i, ex in enumerate(val):
-            pos = int(np.argmax(batch["loss_mask"][i])) + prefix  # the choice's position
-            assert (batch["input_ids"][i, pos] == none_id) == (not ex["relevant"])
-            p = np.exp(logits[i, pos - 1] - logits[i, pos - 1].max())
-            assert got[ex["qid"]] == pytest.approx(p[none_id] / p.sum(), rel=1e-4)
+        check_p_none(trainer, data, config)
+
+
+def check_p_none(trainer, data, config):
+    """P(none) from `refusal_probabilities` equals the softmax of a plain full-sequence
+    forward at the position right after the answer's `<answer>` (found by decoding)."""
+    from tempo_jax.data.pipeline import collate, model_inputs
+    from tempo_jax.evaluate import refusal_probabilities
+
+    val = trainer._examples(data, "val", train_lib.pipeline_config(config))
+    tf = train_lib.pipeline_config(config, batch_size=len(val))
+    batch = collate(val, tf, trainer.model.config.vision)
+    model = train_lib._merge(trainer.graphdef, trainer.params, trainer.frozen)
+    got = refusal_probabilities(model, [batch], trainer.tokenizer, tf.prompt)
+    logits = np.asarray(model.forward(model_inputs(batch)), np.float64)
+    none_id = trainer.tokenizer.encode("none")[0]
+    assert set(got) == {ex["qid"] for ex in val}
+    assert not all(ex["relevant"] for ex in val)
+    for i, ex in enumerate(val):
+        first = int(np.argmax(batch["loss_mask"][i]))
+        ids = batch["input_ids"][i]
+        k = next(k for k in range(1, 64)
+                 if trainer.tokenizer.decode(ids[first:first + k]).endswith("<answer>"))
+        pos = first + k  # the choice's position
+        assert (ids[pos] == none_id) == (not ex["relevant"])
+        p = np.exp(logits[i, pos - 1] - logits[i, pos - 1].max())
+        assert got[ex["qid"]] == pytest.approx(p[none_id] / p.sum(), rel=1e-4)
+
+
+def test_caption_think_targets_and_p_none(demo_run, tmp_path):
+    """With a caption think, a video's relevant and irrelevant targets share the think (what
+    the video shows, from its annotation) and differ only after `<answer>`; P(none) is read
+    there, whatever the caption's length."""
+    from tempo_jax.data.synthetic import query_colour
+
+    wd = tmp_path / "caption"
+    shutil.copytree(demo_run[0] / "data", wd / "data")
+    config = small_config(**{"prompt.thinking": True, "prompt.caption_think": True,
+                             "data.irrelevant_ratio": 0.5})
+    with train_lib.Trainer(config, wd) as trainer:
+        data = train_lib.prepare_data(config, wd)
+        pcfg = train_lib.pipeline_config(config, batch_size=4)
+        examples = trainer._examples(data, "train", pcfg)
+        rng = np.random.default_rng(0)
+        own, pair = trainer._pick(examples, rng, 2, data, pcfg, contrast_share=1.0)
+        caption = {r["qid"]: r["caption"] for r in data.train}[own["qid"]]
+        assert caption.startswith("a ") and query_colour(own["query"]) in caption
+        texts = [trainer.tokenizer.decode(ex["input_ids"][np.flatnonzero(ex["loss_mask"])])
+                 for ex in (own, pair)]
+        assert texts[0].startswith(f"<think>I see {caption}.</think><answer>")
+        assert texts[1].startswith(f"<think>I see {caption}.</think><answer>none</answer>")
+        check_p_none(trainer, data, config)
 
 
 @pytest.mark.parametrize("pad_side", ["left", "right"])

@@ -97,6 +97,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.prompt.textual_timestamps = True  # "3.5s" before each temporal patch
     c.prompt.time_aligned_positions = True  # M-RoPE temporal index from real time
     c.prompt.thinking = False  # <think>...</think> before <answer>
+    # with thinking: the think names what the video shows (a record's `caption`; synthetic
+    # videos have one) instead of the verdict (ours; README, "The demo")
+    c.prompt.caption_think = False
     c.prompt.answer_decimals = 0 if tiny else 1  # precision of the answer's seconds
     c.prompt.query_first = False  # question before the video (the video tokens see it)
     c.prompt.system_prompt = DEFAULT_SYSTEM

@@ -96,7 +96,9 @@ def load_example(
                                      temporal_patch_size=vision.temporal_patch_size)
     relevant = bool(record.get("relevant", True))
     window = tuple(record["windows"][0]) if relevant and record.get("windows") else None
-    ex = _prompt(tokenizer, record["query"], pts, grids, cfg, vision, window)
+    caption = record.get("caption") or None
+    ex = _prompt(tokenizer, record["query"], pts, grids, cfg, vision, window, caption)
+    ex["caption"] = caption
     ex["pixel_values"] = pixels
     ex["qid"] = str(record.get("qid", ""))
     ex["video"] = str(record["video"])
@@ -116,13 +118,14 @@ def with_query(ex: dict, query: str, tokenizer, cfg: PipelineConfig, vision: Vis
     only the text is rebuilt, exactly as `load_example` builds it, so another question
     about a video costs a tokenization, not a decode."""
     built = _prompt(tokenizer, query, ex["frame_times"], ex["video_grid_thw"], cfg, vision,
-                    window)
+                    window, ex.get("caption"))
     return {**ex, **built, "query": query}
 
 
 def _prompt(tokenizer, query: str, frame_times, grids, cfg: PipelineConfig,
-            vision: VisionConfig, window) -> dict[str, Any]:
-    answer = prompts_lib.format_answer(window, cfg.prompt) if cfg.with_answer else None
+            vision: VisionConfig, window, caption: str | None = None) -> dict[str, Any]:
+    answer = (prompts_lib.format_answer(window, cfg.prompt, caption) if cfg.with_answer
+              else None)
     return prompts_lib.build_prompt(
         tokenizer, query, np.asarray(frame_times)[0::vision.temporal_patch_size], grids,
         cfg.prompt, answer=answer, spatial_merge_size=vision.spatial_merge_size,
@@ -227,7 +230,8 @@ def collate(
         "vision_meta": meta,
         "num_image_features": np.int32(0),
     }
-    batch["meta"] = [{k: ex[k] for k in META_KEYS} for ex in examples]
+    batch["meta"] = [{**{k: ex[k] for k in META_KEYS}, "caption": ex.get("caption")}
+                     for ex in examples]
     return batch
 
 

@@ -259,6 +259,8 @@ class PromptConfig:
     `question_template`: fields `{query}` and `{format}` (the answer-format instruction,
     `format_instruction` or the default for `thinking`), which may use `{decimals}` and
     `{example}`.
+    `caption_think`: with `thinking`, the think says what the video shows (the annotation's
+    `caption`, where a record has one) instead of the verdict.
     `query_first`: put the question before the video block instead of after it (Qwen's
     default). Under causal attention the video tokens then see the query, so each can tell
     whether it shows what is asked; a small model learns to refuse much sooner this way.
@@ -269,6 +271,7 @@ class PromptConfig:
     time_aligned_positions: bool = True
     timestamp_format: str = "{t:.1f}s"
     thinking: bool = False
+    caption_think: bool = False
     fps_nominal: float = 2.0
     question_template: str = DEFAULT_QUESTION
     format_instruction: str | None = None
@@ -286,9 +289,16 @@ def _fmt_time(x: float, decimals: int) -> str:
     return f"{float(x):.{decimals}f}"
 
 
-def format_answer(window: tuple[float, float] | None, cfg: PromptConfig) -> str:
+def format_answer(window: tuple[float, float] | None, cfg: PromptConfig,
+                  caption: str | None = None) -> str:
     """The target text: `<answer>12.5 to 17.8</answer>`, or `<answer>none</answer>` for a
-    refusal (`window=None`); with `cfg.thinking` a short `<think>…</think>` first."""
+    refusal (`window=None`); with `cfg.thinking` a short `<think>…</think>` first: what the
+    video shows (`caption`, from the annotation) with `cfg.caption_think`, else the verdict.
+
+    A caption think (ours) is the same for a video's relevant and irrelevant pairs, so the
+    model learns first what the video shows (a plain video -> words mapping), then whether the
+    query asks for it (a comparison of two texts), instead of the comparison of a query with
+    pixels in one step, which a small model did not learn (README, "The demo")."""
     d = cfg.answer_decimals
     if window is None:
         think = "The query does not happen in the video."
@@ -299,6 +309,8 @@ def format_answer(window: tuple[float, float] | None, cfg: PromptConfig) -> str:
             raise ValueError(f"window must be finite with start <= end, got {window!r}")
         body = f"{_fmt_time(s, d)} to {_fmt_time(e, d)}"
         think = f"The event happens between {_fmt_time(s, d)}s and {_fmt_time(e, d)}s."
+    if cfg.caption_think and caption:
+        think = f"I see {caption}."
     answer = f"<answer>{body}</answer>"
     return f"<think>{think}</think>{answer}" if cfg.thinking else answer
 

@@ -412,6 +412,9 @@ def colour_pixels(frames: np.ndarray, colour: str, tol: float = 60.0) -> np.ndar
 
 def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
     shown = sorted(o["colour"] for o in meta["events"] + meta["distractors"])
+    # what the video shows, for a caption think: every object, in the order they appear
+    seen = sorted(meta["events"] + meta["distractors"], key=lambda o: o["window"][0])
+    caption = " and ".join(f"a {o['object']}" for o in seen)
     lines = []
     for k, ev in enumerate(meta["events"]):
         lines.append(
@@ -423,6 +426,7 @@ def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
                 "qid": f"{stem}_q{k}",
                 "relevant": True,
                 "colours": shown,
+                "caption": caption,
             }
         )
     for k, ab in enumerate(meta["absent_queries"]):
@@ -435,6 +439,7 @@ def _annotation_lines(meta: dict[str, Any], stem: str) -> list[dict[str, Any]]:
                 "qid": f"{stem}_r{k}",
                 "relevant": False,
                 "colours": shown,
+                "caption": caption,
             }
         )
     return lines
