@@ -191,3 +191,33 @@ def test_bucketed_prompts_share_one_compilation(model):
     for n in (38, 39, 40):
         generate(model, rng.integers(10, 1000, size=(1, n)), max_new_tokens=4, temperature=0)
     assert compilation_count() == before
+
+
+@pytest.mark.parametrize("vocab", [1000, 151936])
+def test_inverse_cdf_sampler_draws_the_softmax(vocab):
+    """The sampler's frequencies over 20k draws match softmax(logits) within 4.5 standard
+    errors for every token with enough mass, masked entries are never drawn, and the two-level
+    cumulative sum reaches tokens at both ends of the vocabulary."""
+    from tempo_jax.generate import inverse_cdf_sample
+
+    n, chunk = 20_000, 500
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=vocab).astype(np.float32) * 2
+    hot = np.array([0, 1, vocab // 2, vocab - 1])
+    logits[hot] += 12.0  # most of the mass on a few tokens, at the edges and a block border
+    masked = rng.choice(np.setdiff1d(np.arange(vocab), hot), size=vocab // 3, replace=False)
+    logits[masked] = np.finfo(np.float32).min
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    draw = jax.jit(lambda k: inverse_cdf_sample(
+        jnp.broadcast_to(jnp.asarray(logits), (chunk, vocab)), k))
+    toks = np.concatenate([np.asarray(draw(jax.random.key(i))) for i in range(n // chunk)])
+    freq = np.bincount(toks, minlength=vocab) / n
+    assert freq[masked].sum() == 0
+    se = np.sqrt(p * (1 - p) / n)
+    big = p * n > 50
+    assert big.sum() >= 4
+    assert np.all(np.abs(freq[big] - p[big]) < 4.5 * se[big]), (freq[hot], p[hot])
+    # the tail as a whole (tokens too rare to test one by one)
+    tail_se = np.sqrt(p[~big].sum() * (1 - p[~big].sum()) / n)
+    assert abs(freq[~big].sum() - p[~big].sum()) < 4.5 * tail_se + 1e-9
