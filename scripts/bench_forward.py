@@ -5,7 +5,7 @@ Both sides compute what a generation prefill needs: the vision tower, the decode
 whole prompt, and logits at the last position only. Also measures each framework's plain
 fp32 matmul GFLOP/s so the model's achieved GFLOP/s can be read against the machine's peak.
 
-    python scripts/bench_forward.py [--reps 5] [--threads 2]
+    python scripts/bench_forward.py [--reps 5] [--threads 2] [--trace]
 
 The two sides (and the two matmuls) run interleaved, `--reps` rounds; times are medians with
 min and max beside them. Last output line: a JSON object with jax/torch tokens/s, their
@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--grid", default="4,20,44", help="video grid t,h,w in patches")
+    ap.add_argument("--trace", action="store_true",
+                    help="per-operation profile of one prefill (run with XLA_FLAGS="
+                         "--xla_cpu_enable_xprof_traceme=true for per-operation events)")
     args = ap.parse_args()
 
     import jax
@@ -164,6 +167,12 @@ def main() -> None:
         "threads": args.threads,
         "backend": jax.default_backend(),
     }
+    if args.trace:
+        from profile_train_step import trace_step  # scripts/ is on sys.path as a script
+
+        prefill = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(
+            x, logits_positions=jnp.asarray(last)))
+        result["trace"] = trace_step(prefill, state, dev_inputs)
     for k, v in result.items():
         print(f"  {k:24s} {v}")
     print(json.dumps(result))
