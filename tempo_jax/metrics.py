@@ -113,11 +113,13 @@ def refusal_auc(scores: Sequence[float], irrelevant: Sequence[bool]) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def refusal_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+def refusal_diagnostics(rows: Sequence[dict[str, Any]], *,
+                        caption_think: bool = False) -> dict[str, float]:
     """From evaluation rows (`relevant`, `parsed`, `qid`, optional `p_none`): the AUC of
     P(none), mean P(none) per kind, and refusal accuracy split between cross pairs (a held-out
     video with another held-out video's query, qid `...|pir:...`) and the other irrelevant
-    queries (the generator's own refusal queries)."""
+    queries (the generator's own refusal queries). With `caption_think`, also the share of
+    generated thinks that name what the video shows (`caption`)."""
     rel = [bool(r["relevant"]) for r in rows]
     out: dict[str, float] = {}
     scored = [(r["p_none"], not f) for r, f in zip(rows, rel, strict=True)
@@ -137,7 +139,7 @@ def refusal_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     # with a caption think: does the model say what the video shows (the step before the
     # decision)? `caption` is the annotation's, `answer` the generated text
     said = [_think(r.get("answer") or "").find(r["caption"].lower()) >= 0
-            for r in rows if r.get("caption") and "answer" in r]
+            for r in rows if caption_think and r.get("caption") and "answer" in r]
     if said:
         out["caption_accuracy"] = _fraction(sum(said), len(said))
     return out

@@ -970,7 +970,8 @@ class Trainer:
         p_none = refusal_probabilities(model, tf_batches, self.tokenizer, tf.prompt)
         for r in rows:
             r["p_none"] = p_none.get(str(r["qid"]))
-        metrics.update(refusal_diagnostics(rows))
+        metrics.update(refusal_diagnostics(rows, caption_think=bool(
+            c.prompt.thinking and c.prompt.get("caption_think", False))))
         return metrics, rows
 
     def export(self, path: Path) -> None:

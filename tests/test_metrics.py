@@ -166,4 +166,6 @@ def test_caption_accuracy_reads_the_think():
          "answer": "<answer>a red star</answer>"},
         {"qid": "d", "relevant": True, "parsed": None, "caption": None, "answer": "x"},
     ]
-    assert refusal_diagnostics(rows)["caption_accuracy"] == pytest.approx(1 / 3)
+    assert refusal_diagnostics(rows, caption_think=True)["caption_accuracy"] == pytest.approx(
+        1 / 3)
+    assert "caption_accuracy" not in refusal_diagnostics(rows)  # no caption think, no figure
