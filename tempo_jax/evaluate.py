@@ -364,11 +364,12 @@ def refusal_probabilities(model: Any, batches: Iterable[dict], tokenizer: Any,
         pos = np.zeros((len(batch["meta"]), 1), np.int32)  # the logits predicting the decision
         for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["loss_mask"],
                                             strict=True)):
-            at = _find(list(ids[np.argmax(mask):]), mark)
+            first = int(np.argmax(mask))  # the answer's first token
+            at = _find(list(ids[first:]), mark)
             if at < 0:
                 raise ValueError(f"{batch['meta'][i]['qid']}: no {tokenizer.decode(mark)!r} in "
                                  "the answer")
-            pos[i, 0] = np.argmax(mask) + at + len(mark) - 1
+            pos[i, 0] = first + at + len(mark) - 1
         probs = np.asarray(prob(state, model_inputs(batch), jnp.asarray(pos)))
         for m, q in zip(batch["meta"], probs, strict=True):
             out[str(m["qid"])] = float(q)

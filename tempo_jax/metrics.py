@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from tempo_jax.rl.rewards import REFUSE, Answer, best_iou, parse_answer
+from tempo_jax.rl.rewards import REFUSE, Answer, best_iou, parse_answer, think_text
 
 __all__ = ["grounding_metrics", "normalize_prediction", "refusal_auc", "refusal_diagnostics"]
 
@@ -138,17 +137,11 @@ def refusal_diagnostics(rows: Sequence[dict[str, Any]], *,
     out["refusal_accuracy_generated"] = _fraction(sum(own), len(own))
     # with a caption think: does the model say what the video shows (the step before the
     # decision)? `caption` is the annotation's, `answer` the generated text
-    said = [_think(r.get("answer") or "").find(r["caption"].lower()) >= 0
+    said = [r["caption"].lower() in think_text(r.get("answer") or "").lower()
             for r in rows if caption_think and r.get("caption") and "answer" in r]
     if said:
         out["caption_accuracy"] = _fraction(sum(said), len(said))
     return out
-
-
-def _think(text: str) -> str:
-    """The lower-cased text inside a completion's first `<think>…</think>` ("" if none)."""
-    m = re.search(r"<think>(.*?)</think>", text, re.IGNORECASE | re.DOTALL)
-    return m.group(1).lower() if m else ""
 
 
 # --- QVHighlights official metrics -----------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 __all__ = [
     "REFUSE", "REWARDS", "Answer", "parse_answer", "format_reward", "temporal_iou",
     "clip_window", "best_iou", "time_r1_score", "accuracy_reward", "register", "get_reward",
-    "total_reward",
+    "total_reward", "think_text",
 ]
 
 REFUSE = "refuse"
@@ -45,8 +45,14 @@ _OPEN_RE = re.compile(r"<answer\s*>", re.IGNORECASE)
 _CLOSE_RE = re.compile(r"</answer\s*>", re.IGNORECASE)
 # "none" alone, any case, with optional whitespace / punctuation around it.
 _REFUSAL_RE = re.compile(r"^[\W_]*none[\W_]*$", re.IGNORECASE)
-_THINK_RE = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.IGNORECASE | re.DOTALL)
 _TAG_RE = re.compile(r"<[^<>]*>")
+
+
+def think_text(text: str) -> str:
+    """The text inside a completion's first `<think>…</think>` ("" if none)."""
+    m = _THINK_RE.search(text)
+    return m.group(1) if m else ""
 
 
 def _to_seconds(token: str) -> float | None:
