@@ -16,12 +16,13 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python -m tempo_jax.train --workdir runs/demo
 
-test: venv
-	$(BIN)/ruff check tempo_jax tests scripts
+test: lint
 	$(BIN)/python -m pytest -q tests
 
+# ruff, and the import-linter contract in setup.cfg (imports flow one way)
 lint: venv
 	$(BIN)/ruff check tempo_jax tests scripts
+	cd $(CURDIR) && $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

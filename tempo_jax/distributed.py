@@ -16,9 +16,13 @@ Otherwise nothing happens and the run stays single-process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +95,34 @@ def is_main() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def all_rows(x) -> np.ndarray:
+    """Per-row host values of every process, concatenated in process order (this process's
+    alone on one)."""
+    import jax
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def all_gather_json(obj: Any) -> list[Any]:
+    """`obj` (anything JSON can hold) of every process, in process order: how host-side
+    results (answer rows, per-query probabilities) reach process 0's report."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    blocks = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(b[:int(n)]).decode()) for b, n in zip(blocks, sizes.ravel(),
+                                                                     strict=True)]

@@ -5,7 +5,7 @@ greedy decoding, using the SAA / ETA / prompt settings saved with it: official-f
 predictions, the raw answers, metrics and a timeline plot; resumable after a crash.
 
 `metrics` scores a QVHighlights prediction file (official submission format) against ground
-truth with the official definitions (`tempo_jax.metrics.qvhighlights_metrics`), prints a
+truth with the official definitions (`tempo_jax.grounding.metrics.qvhighlights_metrics`), prints a
 readable table and optionally writes the official JSON structure, so a number we report can
 be checked against the official evaluator. Each command is a subparser registered by an
 `add_<name>_parser(subparsers)` function and run by its `cmd_<name>(args)`; adding one is a
@@ -21,20 +21,21 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tempo_jax import fileio
-from tempo_jax.metrics import (
+from tempo_jax.grounding.metrics import (
     QVH_IOU_THRESHOLDS,
     QVH_SALIENCY_LEVELS,
     grounding_metrics,
     load_jsonl_records,
     qvhighlights_metrics,
 )
+from tempo_jax.inference import answer_rows, refusal_probabilities  # noqa: F401  (re-exported)
 
 __all__ = [
     "Loaded", "add_metrics_parser", "add_run_parser", "answer_rows", "apply_overrides",
@@ -144,8 +145,8 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None,
     exported HF directory (weights + tempo_settings.json)."""
     p = Path(path)
     if (p / "ckpt").is_dir() and (p / "config.json").exists():
-        from tempo_jax.export import load_workdir
-        from tempo_jax.train import settings_dict
+        from tempo_jax.training.checkpoints import load_workdir
+        from tempo_jax.training.setup import settings_dict
 
         config, model = load_workdir(p, step=step)
         return Loaded(model, settings_dict(config), "workdir", config)
@@ -311,83 +312,12 @@ def evaluate_model(
     return _finish(rows, records, out, dataset, timeline, ground_truth)
 
 
-def answer_rows(model: Any, batches: Iterable[dict], tokenizer: Any,
-                max_new_tokens: int) -> Iterator[list[dict]]:
-    """Greedy answers of pipeline batches (prompts, left-padded), one list of JSON rows per
-    batch: the batch's metadata, the decoded `answer` and its `parsed` form. The evaluation
-    during training and `evaluate run` both answer through here, so they agree."""
-    from tempo_jax.data.pipeline import jsonable, model_inputs
-    from tempo_jax.data.prompts import ENDOFTEXT_ID, EOS_IDS
-    from tempo_jax.generate import generate_from_inputs
-    from tempo_jax.rl.rewards import parse_answer
-
-    for batch in batches:
-        out = generate_from_inputs(model, model_inputs(batch), max_new_tokens=max_new_tokens,
-                                   temperature=0, eos_token_id=list(EOS_IDS),
-                                   pad_token_id=ENDOFTEXT_ID)
-        rows = []
-        for m, t, n in zip(batch["meta"], out.tokens, out.lengths, strict=True):
-            text = tokenizer.decode(t[:n], skip_special_tokens=True)
-            rows.append({**{k: jsonable(v) for k, v in m.items()}, "answer": text,
-                         "parsed": jsonable(parse_answer(text))})
-        yield rows
-
-
-def refusal_probabilities(model: Any, batches: Iterable[dict], tokenizer: Any,
-                          prompt_cfg: Any) -> dict[str, float]:
-    """P(`none`) where a refusal's answer first differs from a window's (right after
-    `<answer`), teacher-forced, for every example of SFT-format batches (prompt + answer,
-    right-padded): qid -> probability. Unlike greedy answers, it shows how well the model
-    tells irrelevant pairs from relevant ones whatever the threshold."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tempo_jax.data.pipeline import model_inputs
-    from tempo_jax.data.prompts import encode_text, format_answer
-
-    # The tokens just before a refusal's answer first differs from a window's ("answer", ">")
-    # mark the decision in each row; with a caption think its offset varies with the caption.
-    none = encode_text(tokenizer, format_answer(None, prompt_cfg, "x"))
-    window = encode_text(tokenizer, format_answer((1.0, 2.0), prompt_cfg, "x"))
-    p = next(i for i, (a, b) in enumerate(zip(none, window, strict=False)) if a != b)
-    none_id, mark = none[p], none[max(0, p - 2):p]
-    out: dict[str, float] = {}
-
-    @jax.jit
-    def prob(state, inputs, pos):
-        logits = nnx.merge(graphdef, state).forward(inputs, logits_positions=pos)
-        return jax.nn.softmax(logits[:, 0], axis=-1)[:, none_id]
-
-    graphdef, state = nnx.split(model)
-    for batch in batches:
-        pos = np.zeros((len(batch["meta"]), 1), np.int32)  # the logits predicting the decision
-        for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["loss_mask"],
-                                            strict=True)):
-            first = int(np.argmax(mask))  # the answer's first token
-            at = _find(list(ids[first:]), mark)
-            if at < 0:
-                raise ValueError(f"{batch['meta'][i]['qid']}: no {tokenizer.decode(mark)!r} in "
-                                 "the answer")
-            pos[i, 0] = first + at + len(mark) - 1
-        probs = np.asarray(prob(state, model_inputs(batch), jnp.asarray(pos)))
-        for m, q in zip(batch["meta"], probs, strict=True):
-            out[str(m["qid"])] = float(q)
-    return out
-
-
-def _find(seq: list, sub: list) -> int:
-    """Index of the first occurrence of `sub` in `seq`, or -1."""
-    n = len(sub)
-    return next((i for i in range(len(seq) - n + 1) if seq[i:i + n] == sub), -1)
-
-
 def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,
             timeline: int, ground_truth: Sequence[dict] | None = None) -> dict:
     """Submission file, metrics (ours for every dataset, the official set for QVHighlights)
     and the timeline plot, from the answers of every record."""
-    from tempo_jax.rl.rewards import parse_answer
-    from tempo_jax.train import plot_timeline
+    from tempo_jax.grounding.answers import parse_answer
+    from tempo_jax.training.report import plot_timeline
 
     subs = [submission_row(r, parse_answer(row.get("answer") or ""))
             for r, row in zip(records, rows, strict=True)]

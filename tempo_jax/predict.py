@@ -114,7 +114,7 @@ def predict(loaded: Any, requests: Sequence[dict], *, batch_size: int = 8,
     )
     from tempo_jax.data.prompts import load_tokenizer
     from tempo_jax.data.sources import VideoIndex
-    from tempo_jax.evaluate import answer_rows
+    from tempo_jax.inference import answer_rows
 
     pcfg = config_from_settings(loaded.settings, batch_size=batch_size, with_answer=False,
                                 pad_side="left", shuffle=False, num_epochs=1)

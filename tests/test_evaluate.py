@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from tempo_jax import evaluate as ev
-from tempo_jax import train as train_lib
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.data.synthetic import SyntheticSpec, generate
-from tempo_jax.metrics import load_jsonl_records, qvhighlights_metrics
+from tempo_jax.grounding.metrics import load_jsonl_records, qvhighlights_metrics
 from tempo_jax.models.qwen2_5_vl.params import save_pretrained
+from tempo_jax.training import setup as train_setup
 
 TINY = {"model.tiny_overrides.hidden_size": 64, "model.tiny_overrides.num_hidden_layers": 2,
         "model.tiny_overrides.intermediate_size": 128, "saa.max_visual_tokens": 32,
@@ -39,10 +39,10 @@ def _config() -> ml_collections.ConfigDict:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     config = _config()
-    model = train_lib.build_model(config)
+    model = train_setup.build_model(config)
     hf_dir = root / "hf"
     save_pretrained(model, hf_dir)
-    (hf_dir / train_lib.SETTINGS_FILE).write_text(json.dumps(train_lib.settings_dict(config)))
+    (hf_dir / train_setup.SETTINGS_FILE).write_text(json.dumps(train_setup.settings_dict(config)))
     ann = generate(root / "videos", SyntheticSpec(num=3, seed=5, max_events=1,
                                                   distractor_prob=0.0), progress=False)
     return root, hf_dir, ann

@@ -29,6 +29,7 @@ from tempo_jax.data.pipeline import collate, load_example, model_inputs
 from tempo_jax.data.sources import VideoIndex
 from tempo_jax.generate import generate_from_inputs
 from tempo_jax.safetensors_io import CheckpointReader
+from tempo_jax.training import setup
 
 TOL = 1e-4  # logits of one forward pass, transformers vs JAX (fp32)
 # log-probabilities of decoded tokens, transformers vs our KV-cached sampler: a log-softmax
@@ -118,7 +119,7 @@ def test_export_writes_weights_settings_tokenizer_and_equals_the_trainers(workdi
         assert f in names, f
     config = small_config()
     assert json.loads((exported / "tempo_settings.json").read_text()) == \
-        train_lib.settings_dict(config)
+        setup.settings_dict(config)
     # the latest checkpoint, with the frozen vision tower rebuilt from the config, is exactly
     # what the trainer itself exported at the end of the run
     ours, trainers = _weights(exported), _weights(workdir / "hf")
@@ -217,7 +218,7 @@ def test_prepare_inputs_is_the_evaluators_prompt(workdir, exported, jax_model):
     for k, v in got.items():
         assert isinstance(pt[k], torch.Tensor)
         np.testing.assert_array_equal(pt[k].numpy(), v, err_msg=k)
-    pcfg = train_lib.pipeline_config(config, batch_size=8, with_answer=False, pad_side="left")
+    pcfg = setup.pipeline_config(config, batch_size=8, with_answer=False, pad_side="left")
     ex = load_example(row, VideoIndex(workdir / "data"),
                       prompts_lib.load_tokenizer(None), pcfg, model.config.vision)
     np.testing.assert_array_equal(got["input_ids"][0], ex["input_ids"])
@@ -256,7 +257,7 @@ def test_logits_match_ours(workdir, exported, torch_model, jax_model):
 def _evaluator_answer(model, row, workdir, config, eos, max_new_tokens):
     """Our evaluator's path: the pipeline's left-padded batch, `generate_from_inputs` greedy.
     Returns the ids, their log-probabilities and the decoded text."""
-    pcfg = train_lib.pipeline_config(config, batch_size=8, with_answer=False, pad_side="left")
+    pcfg = setup.pipeline_config(config, batch_size=8, with_answer=False, pad_side="left")
     tok = prompts_lib.load_tokenizer(None)
     ex = load_example(row, VideoIndex(workdir / "data"), tok, pcfg, model.config.vision)
     batch = collate([ex], pcfg, model.config.vision)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tempo_jax.metrics import grounding_metrics, normalize_prediction
+from tempo_jax.grounding.metrics import grounding_metrics, normalize_prediction
 from tempo_jax.rl.rewards import REFUSE, accuracy_reward
 
 
@@ -124,7 +124,7 @@ def _roc_area(scores, positive):
 
 
 def test_refusal_auc_is_the_roc_area():
-    from tempo_jax.metrics import refusal_auc
+    from tempo_jax.grounding.metrics import refusal_auc
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -137,7 +137,7 @@ def test_refusal_auc_is_the_roc_area():
 
 
 def test_refusal_diagnostics_split_cross_pairs():
-    from tempo_jax.metrics import refusal_diagnostics
+    from tempo_jax.grounding.metrics import refusal_diagnostics
 
     rows = [
         {"qid": "a_q0", "relevant": True, "parsed": [1, 2], "p_none": 0.1},
@@ -154,7 +154,7 @@ def test_refusal_diagnostics_split_cross_pairs():
 
 
 def test_caption_accuracy_reads_the_think():
-    from tempo_jax.metrics import refusal_diagnostics
+    from tempo_jax.grounding.metrics import refusal_diagnostics
 
     rows = [
         {"qid": "a", "relevant": True, "parsed": [1, 2], "caption": "a red star",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tempo_jax.evaluate import main
-from tempo_jax.metrics import QVH_IOU_THRESHOLDS, load_jsonl_records, qvhighlights_metrics
+from tempo_jax.grounding.metrics import QVH_IOU_THRESHOLDS, load_jsonl_records, qvhighlights_metrics
 
 QVH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "qvhighlights"
 if not QVH_DIR.is_dir():

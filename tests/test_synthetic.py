@@ -207,19 +207,20 @@ def test_demo_colour_reaches_the_model_input(tmp_path):
     """The demo's refusal cue is the object's colour: on the demo's own held-out videos, as the
     pipeline feeds them to the vision tower (SAA, resize to the tiny token budget, patches), a
     reader of patch means names the object's colour for >= 95% of videos."""
-    from tempo_jax import train
     from tempo_jax.configs.tempo_r0 import get_config
     from tempo_jax.data.pipeline import load_example
     from tempo_jax.data.prompts import load_tokenizer
     from tempo_jax.data.sources import VideoIndex
+    from tempo_jax.training import data as train_data
+    from tempo_jax.training import setup
 
     config = get_config("tiny")
-    spec = train.synthetic_spec(config, "val")
+    spec = train_data.synthetic_spec(config, "val")
     assert set(spec.palette()) == set(HUES) and spec.tint == 0
     lines = [ln for ln in _load(synthetic.generate(tmp_path, spec)) if ln["relevant"]]
     assert len(lines) == config.data.synthetic_val
-    pcfg = train.pipeline_config(config)
-    vision = train.model_config(config).vision
+    pcfg = setup.pipeline_config(config)
+    vision = setup.model_config(config).vision
     tok, videos = load_tokenizer(None), VideoIndex(tmp_path)
     right = 0
     for line in lines:
@@ -234,13 +235,14 @@ def test_demo_colour_reaches_the_model_input(tmp_path):
 def test_demo_look_keeps_exact_windows_and_saa_signal(tmp_path):
     """The demo's bigger objects on a neutral background still appear exactly inside their
     windows and in no other frame, and move across the whole frame."""
-    from tempo_jax import train
     from tempo_jax.configs.tempo_r0 import get_config
     from tempo_jax.data.pipeline import plan_video
+    from tempo_jax.training import data as train_data
+    from tempo_jax.training import setup
 
     config = get_config("tiny")
-    pcfg = train.pipeline_config(config)
-    spec = dataclasses.replace(train.synthetic_spec(config, "val"), num=3)
+    pcfg = setup.pipeline_config(config)
+    spec = dataclasses.replace(train_data.synthetic_spec(config, "val"), num=3)
     lines = [ln for ln in _load(synthetic.generate(tmp_path, spec)) if ln["relevant"]]
     for line in lines:
         frames, times = video.read_range(tmp_path / line["video"], 0.0, line["duration"])

@@ -22,6 +22,10 @@ from tempo_jax import export as export_lib
 from tempo_jax import train as train_lib
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.safetensors_io import CheckpointReader
+from tempo_jax.training import data as data_lib
+from tempo_jax.training import optimizer, setup, sft, steps
+from tempo_jax.training.metrics_logger import MetricsLogger
+from tempo_jax.training.trainer import Trainer
 
 SMALL = {
     "data.synthetic_train": 6, "data.synthetic_val": 4, "data.irrelevant_ratio": 0.34,
@@ -230,15 +234,15 @@ def test_error_mid_run_commits_earlier_checkpoints_and_resumes(demo_run, tmp_pat
     shutil.copytree(demo_run[0] / "data", wd / "data")
     config = small_config(stages="sft", **{"sft.steps": 6, "ckpt_every": 2})
     slow_commit.install(COMMIT_DELAY, monkeypatch)
-    log_metrics = train_lib.Trainer.log_metrics
+    log_row = MetricsLogger.log
 
     def failing(self, stage, step, metrics):
         if step == 5:
             raise RuntimeError("injected failure at step 5")
-        return log_metrics(self, stage, step, metrics)
+        return log_row(self, stage, step, metrics)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_lib.Trainer, "log_metrics", failing)
+        mp.setattr(MetricsLogger, "log", failing)
         with pytest.raises(RuntimeError, match="injected failure"):
             train_lib.run(config, wd)
     assert _ckpt_dirs(wd) == ["2", "4"]
@@ -266,24 +270,24 @@ def test_error_mid_run_commits_earlier_checkpoints_and_resumes(demo_run, tmp_pat
 def test_non_finite_loss_skips_the_update(demo_run, tmp_path, monkeypatch, caplog):
     wd = tmp_path / "nan"
     shutil.copytree(demo_run[0] / "data", wd / "data")
-    original = train_lib.sft_loss
+    original = steps.sft_loss
 
     def poisoned(*args):
         loss, aux = original(*args)
         return loss * jnp.nan, aux
 
-    monkeypatch.setattr(train_lib, "sft_loss", poisoned)
+    monkeypatch.setattr(steps, "sft_loss", poisoned)
     config = small_config(stages="sft", **{"sft.steps": 3})
-    with train_lib.Trainer(config, wd) as trainer:  # closed: commits awaited
+    with Trainer(config, wd) as trainer:  # closed: commits awaited
         before = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
-        data = train_lib.prepare_data(config, wd)
-        out = trainer.run_sft(data, 0, None)  # returns with its checkpoint committed
+        data = data_lib.prepare_data(config, wd)
+        out = sft.run_sft(trainer, data, 0, None)  # returns with its checkpoint committed
         assert out["skipped_updates"] == 3
         assert "non-finite" in caplog.text
         for k, v in trainer.params.flat_state():
             np.testing.assert_array_equal(np.asarray(v), before[k])
         # the checkpoint holds the untouched parameters, never NaN
-        restored = trainer._restore_params(trainer.ckpt.latest_step())
+        restored = trainer.ckpt.restore_params(trainer.ckpt.latest_step(), trainer.params)
         leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
         assert all(np.isfinite(x).all() for x in leaves)
 
@@ -315,7 +319,7 @@ def test_fp32_optimizer_state_for_bf16_parameters():
     oc = get_config("3b").optim
     params = {"w": jnp.asarray([1.0, -2.0, 3.0], jnp.bfloat16)}
     grads = {"w": jnp.asarray([1e-3, 0.5, -0.25], jnp.bfloat16)}
-    tx = train_lib.make_optimizer(1e-2, 1, 10, oc)
+    tx = optimizer.make_optimizer(1e-2, 1, 10, oc)
     state = tx.init(params)
     moments = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 1]
     assert len(moments) == 2 and all(m.dtype == jnp.float32 for m in moments)
@@ -324,14 +328,14 @@ def test_fp32_optimizer_state_for_bf16_parameters():
     assert new["w"].dtype == jnp.bfloat16
     oc32 = get_config("3b").optim
     oc32.fp32_state = False
-    tx32 = train_lib.make_optimizer(1e-2, 1, 10, oc32)
+    tx32 = optimizer.make_optimizer(1e-2, 1, 10, oc32)
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, grads))
     up32, _ = tx32.update(f32[1], tx32.init(f32[0]), f32[0])
     np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(up32["w"]), rtol=1e-6)
     # without the switch, the second moment follows the bf16 parameters
     plain = get_config("3b").optim
     plain.fp32_state = False
-    low = [x for x in jax.tree.leaves(train_lib.make_optimizer(1e-2, 1, 10, plain).init(params))
+    low = [x for x in jax.tree.leaves(optimizer.make_optimizer(1e-2, 1, 10, plain).init(params))
            if getattr(x, "ndim", 0) == 1]
     assert all(m.dtype == jnp.bfloat16 for m in low)
 
@@ -348,15 +352,16 @@ def test_pir_resampled_pairs_equal_loaded_ones(demo_run, tmp_path):
     wd = tmp_path / "pir"
     shutil.copytree(demo_run[0] / "data", wd / "data")
     config = small_config(**{"data.pir_resample": True, "data.irrelevant_ratio": 0.5})
-    with train_lib.Trainer(config, wd) as trainer:  # closed: commits awaited
-        data = train_lib.prepare_data(config, wd)
+    with Trainer(config, wd) as trainer:  # closed: commits awaited
+        data = data_lib.prepare_data(config, wd)
         assert all(r["relevant"] for r in data.train) and data.pir_ratio == 0.5
-        pcfg = train_lib.pipeline_config(config, batch_size=4)
-        examples = trainer._examples(data, "train", pcfg)
+        pcfg = setup.pipeline_config(config, batch_size=4)
+        examples = trainer.examples(data, "train", pcfg)
         by_qid = {r["qid"]: r for r in data.train}
         seen = set()
         for step in range(6):
-            for ex in trainer._pick(examples, np.random.default_rng([0, 1, step]), 8, data, pcfg):
+            rng = np.random.default_rng([0, 1, step])
+            for ex in sampler(trainer, data).pick(examples, rng, 8, pcfg):
                 if ex["relevant"]:
                     continue
                 own_qid, donor_qid = ex["qid"].split("|pir:")
@@ -380,14 +385,14 @@ def test_contrast_pairs_exact_counts_and_teacher_forced_p_none(demo_run, tmp_pat
     wd = tmp_path / "contrast"
     shutil.copytree(demo_run[0] / "data", wd / "data")
     config = small_config(**{"data.irrelevant_ratio": 0.5})
-    with train_lib.Trainer(config, wd) as trainer:
-        data = train_lib.prepare_data(config, wd)
-        pcfg = train_lib.pipeline_config(config, batch_size=4)
-        examples = trainer._examples(data, "train", pcfg)
+    with Trainer(config, wd) as trainer:
+        data = data_lib.prepare_data(config, wd)
+        pcfg = setup.pipeline_config(config, batch_size=4)
+        examples = trainer.examples(data, "train", pcfg)
         by_qid = {r["qid"]: r for r in data.train}
         for step in range(4):
             rng = np.random.default_rng([0, 1, step])
-            picked = trainer._pick(examples, rng, 8, data, pcfg, contrast_share=0.5)
+            picked = sampler(trainer, data).pick(examples, rng, 8, pcfg, contrast_share=0.5)
             assert len(picked) == 8
             for own, pair in (picked[0:2], picked[2:4]):
                 assert own["relevant"] and own["windows"] and not pair["relevant"]
@@ -395,22 +400,27 @@ def test_contrast_pairs_exact_counts_and_teacher_forced_p_none(demo_run, tmp_pat
                 np.testing.assert_array_equal(own["pixel_values"], pair["pixel_values"])
                 assert query_colour(pair["query"]) not in by_qid[own["qid"]]["colours"]
             for k in (0, 1, 3):
-                picked = trainer._pick(examples, rng, 4, data, pcfg, irrelevant=k)
+                picked = sampler(trainer, data).pick(examples, rng, 4, pcfg, irrelevant=k)
                 assert sum(not ex["relevant"] for ex in picked) == k
 
         check_p_none(trainer, data, config)
+
+
+def sampler(trainer, data):
+    """The trainer's PIR sampler over `data`."""
+    return data_lib.PirSampler(data, trainer.tokenizer, trainer.model.config.vision)
 
 
 def check_p_none(trainer, data, config):
     """P(none) from `refusal_probabilities` equals the softmax of a plain full-sequence
     forward at the position right after the answer's `<answer>` (found by decoding)."""
     from tempo_jax.data.pipeline import collate, model_inputs
-    from tempo_jax.evaluate import refusal_probabilities
+    from tempo_jax.inference import refusal_probabilities
 
-    val = trainer._examples(data, "val", train_lib.pipeline_config(config))
-    tf = train_lib.pipeline_config(config, batch_size=len(val))
+    val = trainer.examples(data, "val", setup.pipeline_config(config))
+    tf = setup.pipeline_config(config, batch_size=len(val))
     batch = collate(val, tf, trainer.model.config.vision)
-    model = train_lib._merge(trainer.graphdef, trainer.params, trainer.frozen)
+    model = trainer.merged()
     got = refusal_probabilities(model, [batch], trainer.tokenizer, tf.prompt)
     logits = np.asarray(model.forward(model_inputs(batch)), np.float64)
     none_id = trainer.tokenizer.encode("none")[0]
@@ -437,12 +447,12 @@ def test_caption_think_targets_and_p_none(demo_run, tmp_path):
     shutil.copytree(demo_run[0] / "data", wd / "data")
     config = small_config(**{"prompt.thinking": True, "prompt.caption_think": True,
                              "data.irrelevant_ratio": 0.5})
-    with train_lib.Trainer(config, wd) as trainer:
-        data = train_lib.prepare_data(config, wd)
-        pcfg = train_lib.pipeline_config(config, batch_size=4)
-        examples = trainer._examples(data, "train", pcfg)
+    with Trainer(config, wd) as trainer:
+        data = data_lib.prepare_data(config, wd)
+        pcfg = setup.pipeline_config(config, batch_size=4)
+        examples = trainer.examples(data, "train", pcfg)
         rng = np.random.default_rng(0)
-        own, pair = trainer._pick(examples, rng, 2, data, pcfg, contrast_share=1.0)
+        own, pair = sampler(trainer, data).pick(examples, rng, 2, pcfg, contrast_share=1.0)
         caption = {r["qid"]: r["caption"] for r in data.train}[own["qid"]]
         assert caption.startswith("a ") and query_colour(own["query"]) in caption
         texts = [trainer.tokenizer.decode(ex["input_ids"][np.flatnonzero(ex["loss_mask"])])
@@ -477,7 +487,7 @@ def test_completion_logits_equal_unpadded_forward(pad_side):
     comp_len = np.asarray([6, 2, 4, 6])
     comp_mask = np.arange(t)[None] < comp_len[:, None]
     start = np.repeat(pos_lib.decode_start(inputs["position_ids"], mask), g)
-    got = np.asarray(train_lib.completion_logits(
+    got = np.asarray(steps.completion_logits(
         model, inputs, jnp.asarray(comp), jnp.asarray(comp_mask), jnp.asarray(start), g))
     for r in range(2 * g):
         prompt = ids[r // g][mask[r // g].astype(bool)]

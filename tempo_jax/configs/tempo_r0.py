@@ -120,6 +120,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # ------------------------------------------------------------------ PIR-GRPO
     c.rl = ml_collections.ConfigDict()
     c.rl.steps = 60 if tiny else 1000
+    c.rl.log_every = 1  # a GRPO step is long (rollouts): one metrics row per step
     c.rl.batch_size = 8 if tiny else 32  # prompts per step (each sampled num_generations times)
     c.rl.num_generations = 8  # G
     c.rl.learning_rate = 2e-4 if tiny else 1e-6

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tempo_jax.rl.rewards import REFUSE, Answer, best_iou, parse_answer, think_text
+from tempo_jax.grounding.answers import REFUSE, Answer, best_iou, parse_answer, think_text
 
 __all__ = ["grounding_metrics", "normalize_prediction", "refusal_auc", "refusal_diagnostics"]
 

@@ -1,0 +1,1 @@
+"""Grounding answers: parsing, IoU and the metrics (ours and the official QVHighlights ones)."""

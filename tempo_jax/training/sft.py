@@ -1,0 +1,93 @@
+"""The SFT stage: teacher-forced cross-entropy on the answer tokens (only their positions go
+through the LM head), with gradient accumulation over micro-batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tempo_jax import cli
+from tempo_jax import sharding as shd
+from tempo_jax.data.batching import global_batch
+from tempo_jax.data.pipeline import collate
+from tempo_jax.training import data as data_lib
+from tempo_jax.training.loop import StepResult, run_stage
+from tempo_jax.training.optimizer import make_optimizer
+from tempo_jax.training.setup import pipeline_config
+from tempo_jax.training.steps import make_steps
+
+log = logging.getLogger("tempo_jax.training")
+
+
+def _contrast_share(c, data: data_lib.Data) -> float:
+    contrast = c.sft.get("contrast_share", 0.0)
+    if not 0.0 <= contrast <= 1.0:
+        raise cli.UsageError(f"--config.sft.contrast_share={contrast}: expected 0 to 1")
+    if contrast > 0 and not (c.data.cache_examples and data.pir_ratio > 0):
+        log.warning("sft.contrast_share=%s is ignored: contrast pairs are drawn with PIR "
+                    "pairs afresh (data.cache_examples, data.pir_resample, "
+                    "data.irrelevant_ratio > 0); this run trains on fixed PIR pairs", contrast)
+    return contrast
+
+
+def run_sft(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | None) -> dict:
+    """SFT steps `step0 .. sft.steps - 1`, resumed from checkpoint `resume_ckpt` when given."""
+    c = trainer.config
+    pcfg = pipeline_config(c, batch_size=c.sft.batch_size)
+    vision = trainer.model.config.vision
+    accum = max(1, c.optim.accum_steps)
+    contrast = _contrast_share(c, data)
+    loader = examples = None
+    if c.data.cache_examples:
+        examples = trainer.examples(data, "train", pcfg)
+    else:
+        if c.sft.batch_size % accum:
+            raise ValueError(f"sft.batch_size {c.sft.batch_size} is not a multiple of "
+                             f"optim.accum_steps {accum}")
+        loader = trainer.stream(data.train, data.video_root, dataclasses.replace(
+            pcfg, batch_size=c.sft.batch_size // accum), resume_ckpt, "sft")
+    steps = make_steps(make_optimizer(c.sft.learning_rate, c.sft.warmup_steps, c.sft.steps,
+                                      c.optim))
+    opt_state = steps.tx.init(trainer.params)
+    rng = jax.random.PRNGKey(c.seed)
+    if resume_ckpt is not None:
+        opt_state, rng = trainer.ckpt.restore_into(resume_ckpt, trainer.params, opt_state, rng)
+    sampler = data_lib.PirSampler(data, trainer.tokenizer, vision)
+
+    def micro_batches(step: int) -> list[dict]:
+        if loader is not None:
+            return [next(loader) for _ in range(accum)]
+        picked = sampler.pick(examples, np.random.default_rng([c.seed, 1, step]),
+                              c.sft.batch_size, pcfg, contrast_share=contrast)
+        return [collate(chunk, pcfg, vision) for chunk in data_lib.chunks(picked, accum)]
+
+    def step_fn(step: int, opt_state) -> StepResult:
+        micro = micro_batches(step)
+        grads_sum, metrics, tokens = None, None, 0
+        for batch in micro:  # gradient accumulation: each micro-batch is its own batch
+            targets = [shd.shard_rows(a, trainer.mesh, trainer.rules, pad_axis=1) for a in
+                       data_lib.answer_targets(batch["loss_mask"], batch["input_ids"])]
+            inputs = global_batch(batch, trainer.mesh, trainer.rules,
+                                  model_config=trainer.model.config)
+            with shd.use_mesh(trainer.mesh, trainer.rules):
+                (_, m), g = steps.sft_grad(trainer.params, trainer.frozen, trainer.graphdef,
+                                           inputs, *targets)
+            grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
+            metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+            tokens += int(batch["attention_mask"].sum())
+        n = len(micro)
+        grads = jax.tree.map(lambda g: g / n, grads_sum)
+        metrics = {k: v / n for k, v in metrics.items()}
+        trainer.params, opt_state, ok = steps.apply(trainer.params, opt_state, grads,
+                                                    metrics["loss"])
+        return StepResult(opt_state, metrics, skipped=int(not bool(ok)), tokens=tokens)
+
+    return run_stage(trainer, "sft", "SFT", step0, c.sft.steps, step_fn, opt_state=opt_state,
+                     rng=rng, loader=loader, log_every=c.log_every,
+                     postfix=lambda m: {"loss": f"{m['loss']:.3f}",
+                                        "acc": f"{m['token_accuracy']:.2f}"})
