@@ -1,14 +1,16 @@
 """PIR-GRPO on one accelerator: MFU of the policy-update step and rollout tokens/s, ours vs
 transformers PyTorch on the same device, same shapes, in the same run.
 
-The update step is the trainer's own: `train.grpo_objective` (the prompt and its video
-embedded once, broadcast to G completions; logits at completion positions only) under
-`jax.value_and_grad`, then `train.apply_fn` (AdamW with fp32 moments, skipped when
-non-finite, parameters and optimizer state donated). The vision tower is frozen, as in
-training. The rollout is `generate.generate_from_inputs` with G samples per prompt, as the
-trainer calls it. The reference does the same work in PyTorch: HF Qwen2.5-VL (SDPA
-attention, gradient checkpointing when we remat), the same loss, torch AdamW, and
-`model.generate(num_return_sequences=G)` for the rollout.
+The update step is the trainer's own, from `tempo_jax.training.steps.make_steps`: its
+`grpo_grad` (the prompt and its video embedded once, broadcast to G completions; logits at
+completion positions only), then its `apply` (AdamW from `training.optimizer` with fp32
+moments, skipped when non-finite, parameters and optimizer state donated). The vision tower
+is frozen (`training.setup.trainable_filter`), as in training; no training step is jitted
+here. The rollout is `generate.generate_from_inputs` with G samples per prompt (the sampling
+program the trainer's `training.grpo.rollout` runs, here on one device). The reference does
+the same work in PyTorch: HF Qwen2.5-VL (SDPA attention, gradient checkpointing when we
+remat), the same loss, torch AdamW, and `model.generate(num_return_sequences=G)` for the
+rollout.
 
 MFU counts model FLOPs only (remat recomputation excluded): 3x the forward matmuls of the
 decoder over every (prompt + completion) row, causal attention at half the square, the LM head
@@ -89,7 +91,7 @@ def _device_info():
 def _peak(kind: str) -> float | None:
     """The dense bf16 peak of the planner's chip table for a `device_kind` ("NVIDIA H100 80GB
     HBM3", "TPU v5p", "TPU v5 lite"), or None for a chip it does not list."""
-    from tempo_jax.plan import CHIPS
+    from tempo_jax.plan.chips import CHIPS
 
     kind = kind.lower().replace("v5 lite", "v5e")
     return next((c.bf16_flops for name, c in CHIPS.items() if name in kind), None)
@@ -103,12 +105,14 @@ def run_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from tempo_jax import train
     from tempo_jax.generate import generate_from_inputs
     from tempo_jax.models.attention import resolve_backend
     from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, prepare_inputs, preset
     from tempo_jax.models.qwen2_5_vl import positions as pos_lib
     from tempo_jax.rl import grpo as grpo_lib
+    from tempo_jax.training.optimizer import make_optimizer
+    from tempo_jax.training.setup import trainable_filter
+    from tempo_jax.training.steps import completion_logits, make_steps
 
     cfg = preset(args.preset)
     dtype = jnp.dtype(args.dtype)
@@ -117,7 +121,7 @@ def run_jax(args) -> dict:
     t0 = time.perf_counter()
     model = Qwen25VL(cfg, param_dtype=dtype, options=opts, rngs=nnx.Rngs(0))
     c = ml_collections.ConfigDict({"model": {"freeze_vision": True}})
-    graphdef, params, frozen = nnx.split(model, train.trainable_filter(c), ...)
+    graphdef, params, frozen = nnx.split(model, trainable_filter(c), ...)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     n_train = sum(x.size for x in jax.tree.leaves(params))
@@ -134,19 +138,16 @@ def run_jax(args) -> dict:
                                            np.asarray(inputs["attention_mask"])), g)
     comp_mask = np.ones_like(s["completions"], bool)
     gcfg = grpo_lib.GRPOConfig(num_generations=g, beta=0.04)
-    tx = train.make_optimizer(1e-6, 1, 100, ml_collections.ConfigDict(
-        {"grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "fp32_state": True}))
-    opt_state = tx.init(params)
-    grad_fn = jax.jit(jax.value_and_grad(train.grpo_objective, has_aux=True),
-                      static_argnums=(2, 10, 11))
-    apply = train.apply_fn(tx)
+    steps = make_steps(make_optimizer(1e-6, 1, 100, ml_collections.ConfigDict(
+        {"grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "fp32_state": True})))
+    opt_state = steps.tx.init(params)
     dev = jax.device_put((inputs, s["completions"], comp_mask, start, s["old"], s["ref"],
                           s["adv"]))
 
     def step(state):
         params, opt_state = state
-        (loss, _), grads = grad_fn(params, frozen, graphdef, *dev, gcfg, g)
-        params, opt_state, ok = apply(params, opt_state, grads, loss)
+        (loss, _), grads = steps.grpo_grad(params, frozen, graphdef, *dev, gcfg, g)
+        params, opt_state, ok = steps.apply(params, opt_state, grads, loss)
         return params, opt_state, ok
 
     state = [params, opt_state]
@@ -201,7 +202,7 @@ def run_jax(args) -> dict:
             s["completions"]) else a, (s["completions"], comp_mask, start))
 
         def logits(m):
-            return np.asarray(train.completion_logits(m, inputs, *one, 1), np.float32)
+            return np.asarray(completion_logits(m, inputs, *one, 1), np.float32)
 
         a, b = logits(model), logits(m2)
         out["check_rel_err"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))

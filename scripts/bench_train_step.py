@@ -2,9 +2,17 @@
 ours (jit, after warm-up) vs the same loss and backward in PyTorch on the same weights, same
 run, CPU.
 
-Rows are prompt + completion sequences (G samples of a prompt); both sides compute logits at
-the completion positions only (transformers' `logits_to_keep`), the PPO-clip objective with
-the k3 KL term, token-mean aggregation, and gradients for every parameter.
+Rows are prompt + completion sequences (text only); both sides compute logits at the
+completion positions only (transformers' `logits_to_keep`), the PPO-clip objective with the
+k3 KL term, token-mean aggregation, and gradients for every parameter.
+
+Our side is the trainer's own gradient step, `tempo_jax.training.steps.make_steps(...)
+.grpo_grad` (nothing is jitted here), with G = 1: each row is its own prompt, so the
+factory's prompt broadcast is the identity and its `completion_logits` (prompt, then
+completion, at positions 0 .. L-1, logits at the completion positions) is the same
+computation as the PyTorch side's. It also computes the entropy metric the trainer logs, a
+log-softmax over the completion logits the PyTorch side does not pay for. The forward alone
+is the factory's `ref_logps` (the same forward, no loss).
 
     python scripts/bench_train_step.py [--rows 8] [--prompt 448] [--completion 64]
 
@@ -49,6 +57,7 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
+    import ml_collections
     import numpy as np
     import torch
     from flax import nnx
@@ -57,6 +66,8 @@ def main() -> None:
     import tempo_jax
     from tempo_jax.models.qwen2_5_vl import preset
     from tempo_jax.rl import grpo
+    from tempo_jax.training.optimizer import make_optimizer
+    from tempo_jax.training.steps import make_steps
 
     torch.set_num_threads(args.threads)
     cfg = preset("bench")
@@ -78,23 +89,27 @@ def main() -> None:
     hf.train()
 
     pos = np.broadcast_to(np.arange(seq)[None, None], (3, n, seq)).astype(np.int32)
-    inputs = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones((n, seq), np.int32),
-              "position_ids": pos}
-    at = np.broadcast_to(np.arange(lp - 1, seq - 1)[None], (n, lc)).astype(np.int32)
-    targets = jnp.asarray(ids[:, lp:], jnp.int32)
-    graphdef, params = nnx.split(model)
+    # the factory's layout of the same rows: prompts [n, lp], completions [n, lc] after them
+    prompt_inputs = {"input_ids": ids[:, :lp].astype(np.int32),
+                     "attention_mask": np.ones((n, lp), np.int32),
+                     "position_ids": np.ascontiguousarray(pos[:, :, :lp])}
+    completions = ids[:, lp:].astype(np.int32)
+    start = np.full(n, lp, np.int32)
+    steps = make_steps(make_optimizer(1e-6, 1, 100, ml_collections.ConfigDict(
+        {"grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0, "fp32_state": True})))
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    dev = jax.device_put((prompt_inputs, completions, mask.astype(bool), start, old, ref, adv))
 
-    def loss_fn(p, inputs):
-        logits = nnx.merge(graphdef, p).forward(inputs, logits_positions=jnp.asarray(at))
-        logps = grpo.sequence_logps(logits, targets)
-        return grpo.grpo_loss(logps, old, ref, jnp.asarray(adv), jnp.asarray(mask), gcfg)[0]
+    def step(params):
+        return steps.grpo_grad(params, frozen, graphdef, *dev, gcfg, 1)
 
-    step = jax.jit(jax.value_and_grad(loss_fn))
-    dev_inputs = jax.device_put(inputs)
+    def fwd(params):  # the same forward, up to the completion log-probabilities
+        return steps.ref_logps(params, frozen, graphdef, *dev[:4], 1)
+
     t0 = time.perf_counter()
-    jax.block_until_ready(step(params, dev_inputs))
+    jax.block_until_ready(step(params))
     compile_s = time.perf_counter() - t0
-    jax_loss = float(step(params, dev_inputs)[0])
+    jax_loss = float(step(params)[0][0])
 
     t_ids = torch.as_tensor(ids)
     t_pos = torch.as_tensor(pos, dtype=torch.long)
@@ -113,12 +128,11 @@ def main() -> None:
 
     torch_loss = torch_step()
     times = time_interleaved(
-        {"jax": lambda: jax.block_until_ready(step(params, dev_inputs)), "torch": torch_step},
+        {"jax": lambda: jax.block_until_ready(step(params)), "torch": torch_step},
         args.reps)
     jax_s, torch_s = spread(times["jax"])["median"], spread(times["torch"])["median"]
     # where the time goes: the forward alone, and each framework's plain matmul speed
-    fwd = jax.jit(loss_fn)
-    jax.block_until_ready(fwd(params, dev_inputs))
+    jax.block_until_ready(fwd(params))
 
     def torch_fwd():
         with torch.no_grad():
@@ -130,7 +144,7 @@ def main() -> None:
     mm(a).block_until_ready()
     ta = torch.randn(mm_n, mm_n)
     parts = time_interleaved({
-        "jax_forward": lambda: jax.block_until_ready(fwd(params, dev_inputs)),
+        "jax_forward": lambda: jax.block_until_ready(fwd(params)),
         "torch_forward": torch_fwd,
         "jax_matmul": lambda: mm(a).block_until_ready(),
         "torch_matmul": lambda: torch.mm(ta, ta)}, max(3, args.reps))

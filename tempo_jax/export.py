@@ -27,6 +27,7 @@ from tempo_jax.training.checkpoints import (  # noqa: F401  (the workdir readers
 )
 from tempo_jax.training.hf_export import (  # noqa: F401
     TOKENIZER_FILES,
+    check_out_dir,
     preprocessor_config,
     save_hf,
     write_tokenizer_files,
@@ -39,6 +40,7 @@ log = logging.getLogger("tempo_jax.export")
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Write the Hugging Face directory of checkpoint `step` (default: latest) of `workdir`:
     what the trainer writes to `workdir/hf` after its last stage, for any checkpoint."""
+    out = check_out_dir(out)  # before the (slow) load
     log.info("loading %s (step %s)", workdir, "latest" if step is None else step)
     config, model = load_workdir(workdir, step)
     return save_hf(config, model, out)

@@ -95,8 +95,10 @@ def inverse_cdf_sample(logits, rng, block: int = 256):
     static_argnames=("graphdef", "max_new_tokens", "num_samples", "temperature", "top_k",
                      "top_p", "eos_ids", "pad_id"),
 )
-def _generate(graphdef, state, inputs, start_pos, rng, *, max_new_tokens, num_samples,
-              temperature, top_k, top_p, eos_ids, pad_id):
+def sampling_program(graphdef, state, inputs, start_pos, rng, *, max_new_tokens,
+                     num_samples, temperature, top_k, top_p, eos_ids, pad_id):
+    """The jitted sampling program (prefill, then the decode loop) that `generate_global` and
+    `generate_from_inputs` run; public so that the planner can compile it ahead of time."""
     model: Qwen25VL = nnx.merge(graphdef, state)
     opts = model.options
     mask = inputs["attention_mask"]
@@ -155,7 +157,7 @@ def _generate(graphdef, state, inputs, start_pos, rng, *, max_new_tokens, num_sa
 
 def compilation_count() -> int:
     """How many distinct shapes/settings `generate` has compiled in this process."""
-    return _generate._cache_size()
+    return sampling_program._cache_size()
 
 
 def generate(
@@ -285,7 +287,7 @@ def generate_global(
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
-    out = _generate(
+    out = sampling_program(
         graphdef, state, inputs, start, rng,
         max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),

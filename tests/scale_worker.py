@@ -39,17 +39,17 @@ def config():
 def split(model, c):
     from flax import nnx
 
-    from tempo_jax import train
+    from tempo_jax.training.setup import trainable_filter
 
-    return nnx.split(model, train.trainable_filter(c), ...)
+    return nnx.split(model, trainable_filter(c), ...)
 
 
 def fresh(c, mesh, rules):
     """The model of the config's seed, placed on `mesh` (None: one device)."""
     from tempo_jax import sharding as shd
-    from tempo_jax import train
+    from tempo_jax.training.setup import build_model
 
-    model = train.build_model(c)
+    model = build_model(c)
     if mesh is not None:
         shd.shard_model(model, mesh, rules)
     return model
@@ -57,10 +57,10 @@ def fresh(c, mesh, rules):
 
 def sft_batches(examples, c, vision, rows=None):
     """SFT_STEPS batches of SFT_ROWS examples (or only `rows` of each: a host's share)."""
-    from tempo_jax import train
     from tempo_jax.data.pipeline import collate
+    from tempo_jax.training.setup import pipeline_config
 
-    pcfg = train.pipeline_config(c)
+    pcfg = pipeline_config(c)
     out = []
     for s in range(SFT_STEPS):
         chunk = [examples[(s * SFT_ROWS + i) % len(examples)] for i in range(SFT_ROWS)]
@@ -71,53 +71,55 @@ def sft_batches(examples, c, vision, rows=None):
 
 
 def run_sft(c, mesh, rules, batches):
-    """The trainer's SFT update (train.sft_loss, train.make_optimizer) on global batches."""
-    import jax
-
+    """The trainer's SFT update on global batches: the step factory's `sft_grad` and its
+    donating `apply` (training.steps.make_steps), the trainer's optimizer."""
     from tempo_jax import sharding as shd
-    from tempo_jax import train
+    from tempo_jax.data.batching import global_batch
+    from tempo_jax.training.data import answer_targets
+    from tempo_jax.training.optimizer import make_optimizer
+    from tempo_jax.training.steps import make_steps
 
     model = fresh(c, mesh, rules)
     graphdef, params, frozen = split(model, c)
-    tx = train.make_optimizer(LR, 1, 10, c.optim)
-    opt = tx.init(params)
-    grad_fn = jax.jit(jax.value_and_grad(train.sft_loss, has_aux=True), static_argnums=(2,))
-
-    apply = train.apply_fn(tx)
+    steps = make_steps(make_optimizer(LR, 1, 10, c.optim))
+    opt = steps.tx.init(params)
 
     losses, hlo = [], ""
     for batch in batches:
         targets = [shd.shard_rows(a, mesh, rules, pad_axis=1)
-                   for a in train.answer_targets(batch["loss_mask"], batch["input_ids"])]
-        inputs = shd.global_batch(batch, mesh, rules, model_config=model.config)
+                   for a in answer_targets(batch["loss_mask"], batch["input_ids"])]
+        inputs = global_batch(batch, mesh, rules, model_config=model.config)
         with shd.use_mesh(mesh, rules):
             if not hlo:
-                hlo = grad_fn.lower(params, frozen, graphdef, inputs, *targets).as_text()
-            (loss, _), grads = grad_fn(params, frozen, graphdef, inputs, *targets)
-        params, opt, ok = apply(params, opt, grads, loss)
+                hlo = steps.sft_grad.lower(params, frozen, graphdef, inputs, *targets).as_text()
+            (loss, _), grads = steps.sft_grad(params, frozen, graphdef, inputs, *targets)
+        params, opt, ok = steps.apply(params, opt, grads, loss)
         assert bool(ok)
         losses.append(float(loss))
-    return losses, params, opt, graphdef, frozen, tx, hlo, inputs
+    return losses, params, opt, graphdef, frozen, steps.tx, hlo, inputs
 
 
 def run_grpo(c, mesh, rules, examples, vision):
-    """One PIR-GRPO update (train.grpo_objective) on fixed completions; the loss, metrics
-    and updated parameters."""
-    import jax
-
+    """One PIR-GRPO update on fixed completions, the step factory's `grpo_grad` and donating
+    `apply` (training.steps.make_steps); the loss, metrics, updated parameters and
+    gradients."""
     from tempo_jax import sharding as shd
-    from tempo_jax import train
+    from tempo_jax.data.batching import global_batch
     from tempo_jax.data.pipeline import collate
     from tempo_jax.rl import grpo as grpo_lib
+    from tempo_jax.training.data import decode_start, prompt_examples
+    from tempo_jax.training.optimizer import make_optimizer
+    from tempo_jax.training.setup import pipeline_config
+    from tempo_jax.training.steps import make_steps
 
     b, g, t = 4, 2, 6
-    pcfg = train.pipeline_config(c, with_answer=False, pad_side="left")
-    batch = collate(train._prompt_examples(examples[:b]), pcfg, vision)
+    pcfg = pipeline_config(c, with_answer=False, pad_side="left")
+    batch = collate(prompt_examples(examples[:b]), pcfg, vision)
     rng = np.random.default_rng(7)
     completions = rng.integers(10, 500, (b * g, t)).astype(np.int32)
     lengths = np.asarray([6, 3, 5, 1, 6, 4, 2, 6])
     comp_mask = np.arange(t)[None, :] < lengths[:, None]
-    start = np.repeat(train._decode_start(batch), g).astype(np.int32)
+    start = np.repeat(decode_start(batch), g).astype(np.int32)
     # near the untrained policy's log-probabilities (about -log(vocab)): ratios around 1,
     # some clipped
     old = (-np.log(c_vocab(vision)) + rng.normal(0, 0.3, (b * g, t))).astype(np.float32)
@@ -127,33 +129,33 @@ def run_grpo(c, mesh, rules, examples, vision):
 
     model = fresh(c, mesh, rules)
     graphdef, params, frozen = split(model, c)
-    tx = train.make_optimizer(LR, 1, 10, c.optim)
-    opt = tx.init(params)
-    grad_fn = jax.jit(jax.value_and_grad(train.grpo_objective, has_aux=True),
-                      static_argnums=(2, 10, 11))
+    steps = make_steps(make_optimizer(LR, 1, 10, c.optim))
+    opt = steps.tx.init(params)
     rows = [shd.shard_rows(a, mesh, rules) for a in (completions, comp_mask, start, old, ref,
                                                      adv)]
-    inputs = shd.global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
+    inputs = global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
     with shd.use_mesh(mesh, rules):
-        (loss, m), grads = grad_fn(params, frozen, graphdef, inputs, *rows, gcfg, g)
-    params, opt, ok = train.apply_fn(tx)(params, opt, grads, loss)
+        (loss, m), grads = steps.grpo_grad(params, frozen, graphdef, inputs, *rows, gcfg, g)
+    params, opt, ok = steps.apply(params, opt, grads, loss)
     assert bool(ok)
     return float(loss), {k: float(v) for k, v in m.items()}, params, grads
 
 
 def run_rollout(c, mesh, rules, examples, vision, rows):
-    """PIR-GRPO's sampling step (train.rollout) on prompts `rows`: this process's
+    """PIR-GRPO's sampling step (training.grpo.rollout) on prompts `rows`: this process's
     completions, their log-probabilities and lengths."""
     import jax
 
-    from tempo_jax import train
     from tempo_jax.data.pipeline import collate
+    from tempo_jax.training.data import prompt_examples
+    from tempo_jax.training.grpo import rollout
+    from tempo_jax.training.setup import pipeline_config
 
-    pcfg = train.pipeline_config(c, with_answer=False, pad_side="left")
-    batch = collate(train._prompt_examples([examples[i] for i in rows]), pcfg, vision)
+    pcfg = pipeline_config(c, with_answer=False, pad_side="left")
+    batch = collate(prompt_examples([examples[i] for i in rows]), pcfg, vision)
     model = fresh(c, mesh, rules)
-    out, _ = train.rollout(model, batch, mesh, rules, num_samples=ROLLOUT_G, max_new_tokens=6,
-                           temperature=1.0, top_p=1.0, rng=jax.random.PRNGKey(5))
+    out, _ = rollout(model, batch, mesh, rules, num_samples=ROLLOUT_G, max_new_tokens=6,
+                     temperature=1.0, top_p=1.0, rng=jax.random.PRNGKey(5))
     return {"tokens": out.tokens.tolist(), "logps": out.logprobs.tolist(),
             "lengths": out.lengths.tolist()}
 

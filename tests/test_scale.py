@@ -1,8 +1,10 @@
 """Scale-out on fake CPU devices, in subprocesses (the rest of the suite keeps one device):
-the SFT and PIR-GRPO update steps on a (data 2, fsdp 2, tensor 2) mesh against one device, an
-Orbax checkpoint saved on that mesh restored on (fsdp 4) and on one device, and a two-process
-`jax.distributed` run on localhost (2 x 4 devices) against the one-process run. Greedy
-generation on 8 devices is covered by tests/test_sharding.py."""
+the trainer's SFT and PIR-GRPO update steps (`tempo_jax.training.steps.make_steps`: the
+gradient steps and the donating `apply`) and its rollout (`training.grpo.rollout`) on a
+(data 2, fsdp 2, tensor 2) mesh against one device, an Orbax checkpoint saved on that mesh
+restored on (fsdp 4) and on one device, and a two-process `jax.distributed` run on localhost
+(2 x 4 devices) against the one-process run. Greedy generation on 8 devices is covered by
+tests/test_sharding.py."""
 
 from __future__ import annotations
 
@@ -130,20 +132,19 @@ def test_distributed_detection():
 def examples(tmp_path_factory) -> Path:
     """8 processed synthetic examples: in every group of 4, two with 12 frames then two with
     4 (different patch counts per host in the two-process run)."""
-    from tempo_jax import train
     from tempo_jax.configs.tempo_r0 import get_config
+    from tempo_jax.training.data import load_all, prepare_data
+    from tempo_jax.training.setup import model_config, pipeline_config
 
     wd = tmp_path_factory.mktemp("scale")
     c = get_config("tiny")
     c.data.synthetic_train, c.data.synthetic_val, c.data.irrelevant_ratio = 8, 1, 0.25
     c.saa.max_visual_tokens, c.saa.max_frames = 32, 12
-    data = train.prepare_data(c, wd)
-    vision = train.build_model(c).config.vision  # the tiny vision tower (its shape only)
-    long = train._load_all(data.train[:4], data.video_root, train.pipeline_config(c), vision,
-                           "long")
+    data = prepare_data(c, wd)
+    vision = model_config(c).vision  # the tiny vision tower (its shape only)
+    long = load_all(data.train[:4], data.video_root, pipeline_config(c), vision, "long")
     c.saa.max_frames = 4
-    short = train._load_all(data.train[4:8], data.video_root, train.pipeline_config(c), vision,
-                            "short")
+    short = load_all(data.train[4:8], data.video_root, pipeline_config(c), vision, "short")
     assert long[0]["pixel_values"].shape[0] != short[0]["pixel_values"].shape[0]
     exs = [long[0], long[1], short[0], short[1], long[2], long[3], short[2], short[3]]
     path = wd / "examples.pkl"

@@ -76,15 +76,22 @@ def write_tokenizer_files(config: ml_collections.ConfigDict, model: Qwen25VL | N
     return sorted({Path(f).name for f in saved} | {"preprocessor_config.json"})
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """`out` as an absolute path, if writing an export there replaces nothing but an earlier
+    export (a directory with other files is the user's, not ours to replace)."""
+    out = Path(out).absolute()
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ValueError(f"{out}: exists and is not a Hugging Face directory (no config.json); "
+                         "it would be replaced: choose a new or empty directory")
+    return out
+
+
 def save_hf(config: ml_collections.ConfigDict, model: Qwen25VL, out: str | Path) -> Path:
     """Write `model` (trained with `config`) as a Hugging Face directory at `out`, all or
     nothing (written aside, then moved into place: `out` is a whole export or the previous
     one). On several hosts every process calls it (tensors are gathered one at a time) and
     process 0 writes."""
-    out = Path(out).absolute()
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise ValueError(f"{out}: exists and is not a Hugging Face directory (no config.json); "
-                         "it would be replaced: choose a new or empty directory")
+    out = check_out_dir(out)
     main = jax.process_index() == 0
     with fileio.replace_dir(out, write=main) as stage:
         files = save_pretrained(model, stage)

@@ -68,7 +68,7 @@ def run_sft(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | No
 
     def step_fn(step: int, opt_state) -> StepResult:
         micro = micro_batches(step)
-        grads_sum, metrics, tokens = None, None, 0
+        grads, metrics, tokens = None, None, 0
         for batch in micro:  # gradient accumulation: each micro-batch is its own batch
             targets = [shd.shard_rows(a, trainer.mesh, trainer.rules, pad_axis=1) for a in
                        data_lib.answer_targets(batch["loss_mask"], batch["input_ids"])]
@@ -77,12 +77,14 @@ def run_sft(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | No
             with shd.use_mesh(trainer.mesh, trainer.rules):
                 (_, m), g = steps.sft_grad(trainer.params, trainer.frozen, trainer.graphdef,
                                            inputs, *targets)
-            grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+            del g  # one gradient tree alive at a time (what the planner counts)
             metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
             tokens += int(batch["attention_mask"].sum())
         n = len(micro)
-        grads = jax.tree.map(lambda g: g / n, grads_sum)
-        metrics = {k: v / n for k, v in metrics.items()}
+        if n > 1:
+            grads = jax.tree.map(lambda x: x / n, grads)
+            metrics = {k: v / n for k, v in metrics.items()}
         trainer.params, opt_state, ok = steps.apply(trainer.params, opt_state, grads,
                                                     metrics["loss"])
         return StepResult(opt_state, metrics, skipped=int(not bool(ok)), tokens=tokens)

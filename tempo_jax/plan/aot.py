@@ -1,0 +1,286 @@
+"""Ahead-of-time compilation of the trainer's steps, and the compiler's own memory figures.
+
+The steps are the ones training runs, from `tempo_jax.training.steps.make_steps`: its
+`sft_grad` and `grpo_grad`, and its `apply`, which donates the parameters and the optimizer
+state (fp32 Adam moments with `optim.fp32_state`) and skips non-finite updates. The rollout
+is `tempo_jax.generate`'s jitted sampling program. Each is lowered with abstract, sharded
+arguments (nothing is allocated) and compiled; `compiled.memory_analysis()` gives the
+per-device bytes.
+
+`aot_plan` does it for a real TPU topology on this (CPU) machine, as MaxText's
+`train_compile.py` does: in a subprocess (libtpu prints to the terminal, and a compiler abort
+must not take the planner down) that needs `libtpu` (`pip install libtpu`, or the `tpu`
+extra). `compile_phases` is the same compilation for any mesh of real devices (the tests use
+it on this machine's CPU, to check the analytic count against the compiler's).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tempo_jax import sharding as shd
+from tempo_jax.models.attention import resolve_backend
+from tempo_jax.models.qwen2_5_vl.config import ModelConfig
+from tempo_jax.plan.analytic import config_rules, workload
+from tempo_jax.plan.chips import chip_info, topology_name
+from tempo_jax.training import setup
+from tempo_jax.training.optimizer import make_optimizer
+from tempo_jax.training.steps import make_steps
+
+PHASES = ("sft step", "grpo rollout", "grpo update", "optimizer apply")
+
+# the subprocess of `aot_plan`
+WORKER = "from tempo_jax.plan.aot import worker; worker()"
+
+
+def libtpu_available() -> tuple[bool, str]:
+    """(True, "") when libtpu can be imported, else (False, why)."""
+    if importlib.util.find_spec("libtpu") is None:
+        return False, "libtpu is not installed (pip install libtpu, or tempo_jax[tpu])"
+    return True, ""
+
+
+def aot_plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
+             timeout: float = 1800, phases: Sequence[str] | None = None) -> dict:
+    """Compile the training steps for the real TPU topology in a subprocess and return
+    `{"topology", "phases": {phase: memory_analysis numbers}, "compile_seconds"}`, or
+    `{"error": reason}`."""
+    chip_spec = chip_info(chip)
+    if chip_spec.platform != "tpu":
+        return {"error": f"AOT compilation here targets TPUs; {chip} is a GPU"}
+    ok, why = libtpu_available()
+    if not ok:
+        return {"error": why}
+    devices = math.prod(mesh.values())
+    try:
+        topo = topology_name(chip_spec, devices)
+    except ValueError as e:
+        return {"error": str(e)}
+    job = json.dumps({"config": config.to_dict(), "mesh": mesh, "chip": chip,
+                      "topology": topo, "phases": list(phases or [])})
+    env = dict(os.environ)
+    env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    env["JAX_PLATFORMS"] = "cpu"  # the TPU client is compile-only, made by the topology
+    try:
+        proc = subprocess.run([sys.executable, "-c", WORKER], input=job,
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"AOT compilation did not finish in {timeout:.0f}s"}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"AOT compilation failed ({tail[:300]})"}
+    return json.loads(lines[-1])
+
+
+def video_grid(visual_tokens: int, merge: int) -> tuple[int, int, int]:
+    """A (t, h, w) patch grid of exactly `visual_tokens` merged tokens: square frames of up
+    to 32 x 32 patches, as many temporal patches as the budget takes."""
+    for side in range(32, 0, -merge):
+        per_t = (side // merge) ** 2
+        if side % merge == 0 and visual_tokens % per_t == 0:
+            return visual_tokens // per_t, side, side
+    return visual_tokens, merge, merge
+
+
+def abstract_inputs(config: ml_collections.ConfigDict, mcfg: ModelConfig, rows: int,
+                    length: int, mesh: Mesh, rules: shd.Rules) -> dict:
+    """Abstract (shape, dtype, sharding) model inputs of `rows` examples of `length` tokens,
+    one video each at the SAA budget, laid out as `tempo_jax.data.batching.global_batch`
+    places a batch in one process: token arrays split over the batch axes, the vision arrays
+    replicated. (On several processes it splits the pixels over the devices instead: the
+    count here is the larger, one-process one.)"""
+    from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+
+    v = mcfg.vision
+    grid = video_grid(int(config.saa.max_visual_tokens), v.spatial_merge_size)
+    meta = vision_metadata(np.asarray([grid] * rows), v)
+    n = rows * math.prod(grid)
+
+    def sds(shape, dtype, axes):
+        spec = shd.logical_to_spec(axes, rules, mesh, shape)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    rep = NamedSharding(mesh, P())
+    return {
+        "input_ids": sds((rows, length), jnp.int32, ("batch", "seq")),
+        "attention_mask": sds((rows, length), jnp.int32, ("batch", "seq")),
+        "position_ids": sds((3, rows, length), jnp.int32, (None, "batch", "seq")),
+        "pixel_values": jax.ShapeDtypeStruct((n, v.patch_dim), jnp.float32, sharding=rep),
+        "vision_meta": {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
+                        for k, a in meta.items()},
+        "num_image_features": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+    }
+
+
+def memory_stats(compiled) -> dict:
+    """`compiled.memory_analysis()` as a dict, with `peak` = arguments + outputs - the
+    outputs aliased to (donated) arguments + temporaries + generated code."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, k)) for k in (
+        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+        "temp_size_in_bytes", "generated_code_size_in_bytes")}
+    out["peak"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                   - out["alias_size_in_bytes"] + out["temp_size_in_bytes"]
+                   + out["generated_code_size_in_bytes"])
+    return out
+
+
+def local_bytes(tree) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
+                   rules: shd.Rules | None = None, *, platform: str = "tpu",
+                   phases: Sequence[str] | None = None) -> dict:
+    """Lower and compile the trainer's steps for `mesh` (any devices: a TPU topology's, or
+    this machine's) and return `{"phases": {phase: memory_stats + resident + total},
+    "compile_seconds": {phase: s}}`. `platform` picks the attention backend `auto` resolves
+    to. `resident`: what the phase keeps in memory without taking it as an argument (the
+    optimizer state during the gradient steps, the frozen tower and the reference copy
+    during the update); `total` = `peak` + `resident`."""
+    from flax import nnx
+
+    from tempo_jax.generate import sampling_program  # the rollout's jitted sampling program
+    from tempo_jax.models.qwen2_5_vl.model import RuntimeOptions
+    from tempo_jax.models.qwen2_5_vl.params import abstract_model
+    from tempo_jax.rl import grpo as grpo_lib
+
+    rules = config_rules(config) if rules is None else rules
+    wanted = list(phases or PHASES)
+    mcfg = setup.model_config(config)
+    dtype = jnp.dtype(config.model.dtype)
+    opts = RuntimeOptions(dtype=dtype,
+                          attention_backend=resolve_backend(config.model.attention_backend,
+                                                            platform),
+                          remat=config.model.remat)
+    model = abstract_model(mcfg, dtype, opts)
+
+    def placed(state):
+        leaves, tdef = jax.tree.flatten(state)
+        shards = jax.tree.leaves(shd.state_shardings(state, mesh, rules))
+        return jax.tree.unflatten(tdef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                         for x, s in zip(leaves, shards, strict=True)])
+
+    def sds(shape, dt, axes):
+        spec = shd.logical_to_spec(axes, rules, mesh, shape)
+        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
+
+    graphdef, params, frozen = nnx.split(model, setup.trainable_filter(config), ...)
+    params, frozen = placed(params), placed(frozen)
+    w = workload(config, mcfg)
+    steps = make_steps(make_optimizer(1e-5, 1, 10, config.optim))
+    opt_state = _like_params(jax.eval_shape(steps.tx.init, params), params, mesh)
+    train_b, frozen_b, opt_b = local_bytes(params), local_bytes(frozen), local_bytes(opt_state)
+    ref_b = train_b if w.reference else 0
+    accum_b = train_b if w.accum > 1 else 0  # SFT accumulation's running sum
+    phases_out: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+
+    def record(phase, lowered, resident, t0):
+        s = memory_stats(lowered.compile())
+        s["resident_not_in_arguments"] = resident
+        s["total"] = s["peak"] + resident
+        phases_out[phase] = s
+        timings[phase] = round(time.perf_counter() - t0, 1)
+
+    with shd.use_mesh(mesh, rules):  # the trainer traces its steps inside use_mesh
+        if w.sft and "sft step" in wanted:
+            t0 = time.perf_counter()
+            rows, k = w.sft_rows, w.answer_len
+            inputs = abstract_inputs(config, mcfg, rows, w.seq, mesh, rules)
+            lowered = steps.sft_grad.lower(
+                params, frozen, graphdef, inputs, sds((rows, k), jnp.int32, ("batch", None)),
+                sds((rows, k), jnp.int32, ("batch", None)),
+                sds((rows, k), jnp.bool_, ("batch", None)))
+            record("sft step", lowered, opt_b + accum_b, t0)
+        if w.grpo and ("grpo rollout" in wanted or "grpo update" in wanted):
+            inputs = abstract_inputs(config, mcfg, w.prompts, w.seq, mesh, rules)
+        if w.grpo and "grpo rollout" in wanted:
+            t0 = time.perf_counter()
+            full_graphdef, full_state = nnx.split(model)
+            lowered = sampling_program.lower(
+                full_graphdef, placed(full_state), inputs,
+                sds((w.prompts,), jnp.int32, ("batch",)),
+                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P())),
+                max_new_tokens=w.new_tokens, num_samples=w.generations,
+                temperature=float(config.rl.temperature), top_k=0,
+                top_p=float(config.rl.top_p), eos_ids=(mcfg.eos_token_id, mcfg.bos_token_id),
+                pad_id=mcfg.bos_token_id)
+            record("grpo rollout", lowered, opt_b + ref_b, t0)
+        if w.grpo and "grpo update" in wanted:
+            t0 = time.perf_counter()
+            r, t = w.rows, w.new_tokens
+            gcfg = grpo_lib.GRPOConfig(
+                num_generations=w.generations, eps_low=config.rl.eps_low,
+                eps_high=config.rl.eps_high, beta=config.rl.beta,
+                scale_rewards=config.rl.scale_rewards, loss_agg=config.rl.loss_agg,
+                num_iterations=config.rl.num_iterations)
+            ref = sds((r, t), jnp.float32, ("batch", None)) if w.reference else None
+            lowered = steps.grpo_grad.lower(
+                params, frozen, graphdef, inputs, sds((r, t), jnp.int32, ("batch", None)),
+                sds((r, t), jnp.bool_, ("batch", None)), sds((r,), jnp.int32, ("batch",)),
+                sds((r, t), jnp.float32, ("batch", None)), ref,
+                sds((r,), jnp.float32, ("batch",)), gcfg, w.generations)
+            record("grpo update", lowered, opt_b + ref_b, t0)
+        if "optimizer apply" in wanted:
+            t0 = time.perf_counter()
+            # the gradients have the parameters' shapes, dtypes and shardings
+            loss = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+            lowered = steps.apply.lower(params, opt_state, params, loss)
+            record("optimizer apply", lowered, frozen_b + ref_b + accum_b, t0)
+    return {"phases": phases_out, "compile_seconds": timings}
+
+
+def _like_params(opt_state, params, mesh: Mesh):
+    """The optimizer state's abstract leaves with shardings: each moment tree like the
+    parameters (as `tx.init` of sharded parameters makes it), scalars replicated."""
+    p_def, p_leaves = jax.tree.structure(params), jax.tree.leaves(params)
+    rep = NamedSharding(mesh, P())
+
+    def fix(sub):
+        if isinstance(sub, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(sub.shape, sub.dtype, sharding=rep)
+        return jax.tree.unflatten(p_def, [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=q.sharding)
+            for x, q in zip(jax.tree.leaves(sub), p_leaves, strict=True)])
+
+    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
+                        or jax.tree.structure(x) == p_def)
+
+
+def worker() -> None:
+    """Subprocess body of `aot_plan`: read the job (JSON on stdin), compile the phases for
+    the TPU topology (`compile_phases`), print the result as one JSON line."""
+    from jax.experimental import topologies
+
+    job = json.loads(sys.stdin.read())
+    config = ml_collections.ConfigDict(job["config"])
+    sizes = job["mesh"]
+    name, host, wrap = job["topology"]
+    chip = chip_info(job["chip"])
+    topo = topologies.get_topology_desc(
+        platform="tpu", topology_name=name,
+        chip_config_name="default" if chip.dims == 2 else "megacore",
+        chips_per_host_bounds=tuple(host), num_slices=1, wrap=tuple(wrap))
+    n_dev = math.prod(sizes[a] for a in shd.MESH_AXES)
+    devices = np.asarray(topo.devices[:n_dev], dtype=object)
+    mesh = Mesh(devices.reshape([sizes[a] for a in shd.MESH_AXES]), shd.MESH_AXES)
+    out = compile_phases(config, mesh, platform=chip.platform, phases=job.get("phases"))
+    print(json.dumps({"topology": name, **out}))
