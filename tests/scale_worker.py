@@ -160,6 +160,20 @@ def run_rollout(c, mesh, rules, examples, vision, rows):
             "lengths": out.lengths.tolist()}
 
 
+def run_eval(c, mesh, rules, examples):
+    """The evaluation during training (`training.evaluation.evaluate_examples`) of all
+    `examples`: on a mesh of two processes each answers its share through the global sampler
+    (temperature 0) and the rows of both are gathered."""
+    from tempo_jax.training.evaluation import evaluate_examples
+    from tempo_jax.training.setup import load_tokenizer
+
+    metrics, rows = evaluate_examples(fresh(c, mesh, rules), list(examples), load_tokenizer(),
+                                      c, mesh=mesh, rules=rules)
+    return {"qids": [r["qid"] for r in rows], "answers": [r["answer"] for r in rows],
+            "p_none": [r["p_none"] for r in rows],
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
 def c_vocab(vision) -> int:
     from tempo_jax.models.qwen2_5_vl import preset
 
@@ -222,6 +236,8 @@ def mesh8(examples, out: Path) -> None:
     # ---- PIR-GRPO rollout: one device vs the mesh (sampled, temperature 1)
     res["rollout_1"] = run_rollout(c, None, rules, examples, vision, range(4))
     res["rollout_8"] = run_rollout(c, mesh, rules, examples, vision, range(4))
+    # ---- evaluation during training, one device (the two-process run's reference)
+    res["eval_1"] = run_eval(c, None, rules, examples)
 
     # ---- Orbax checkpoint saved on the mesh, restored on (fsdp=4) and on one device
     saved = {"params": p8.to_pure_dict(), "opt_state": o8}
@@ -278,8 +294,9 @@ def proc(examples, out: Path) -> None:
     pixels_local = bool(np.array_equal(mine[:n], np.asarray(batches[-1]["pixel_values"])[:n])
                         and not mine[n:].any())
     roll = run_rollout(c, mesh, rules, examples, vision, range(me * 2, me * 2 + 2))
+    evaluation = run_eval(c, mesh, rules, examples)
     (out / f"proc_{me}.json").write_text(json.dumps({
-        "rollout": roll,
+        "rollout": roll, "eval": evaluation,
         "losses": losses, "process": me, "global_rows": int(inputs["input_ids"].shape[0]),
         "local_patches": int(np.asarray(batches[0]["video_grid_thw"]).prod(1).sum()),
         "pixels_local": pixels_local, "pixel_rows": int(pix.shape[0]),

@@ -254,6 +254,19 @@ def test_two_process_run_matches_one_process(mesh8, examples, tmp_path):
         assert g["rollout"]["tokens"] == one["tokens"][rows], i
         assert g["rollout"]["lengths"] == one["lengths"][rows], i
         np.testing.assert_allclose(g["rollout"]["logps"], one["logps"][rows], rtol=0, atol=1e-5)
+    # evaluation during training across the two hosts (global sampler, temperature 0): every
+    # process gets all rows, in order, with the one-process answers and P(none) (distinct per
+    # row by more than 1e-4 relative, so a row out of place fails the 2e-5 comparison)
+    ref = res1["eval_1"]
+    assert len(ref["qids"]) == 8
+    assert np.diff(np.sort(ref["p_none"])).min() > 1e-4 * max(ref["p_none"])
+    for g in got:
+        assert g["eval"]["qids"] == ref["qids"]
+        assert g["eval"]["answers"] == ref["answers"]
+        np.testing.assert_allclose(g["eval"]["p_none"], ref["p_none"], rtol=2e-5, atol=0)
+        assert g["eval"]["metrics"].keys() == ref["metrics"].keys()
+        for k, v in ref["metrics"].items():
+            assert g["eval"]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
     a, b = CheckpointReader(tmp_path / "hf"), CheckpointReader(out1 / "ref_hf")
     assert sorted(a.keys()) == sorted(b.keys())
     worst = max(float(np.abs(a.read(k).astype(np.float64) - b.read(k).astype(np.float64)).max())
