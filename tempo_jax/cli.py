@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -68,19 +68,35 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if not key.startswith("--config.") or not eq:
             raise UsageError(f"unrecognised argument {item!r} (a config override looks like "
                              "--config.rl.beta=0)")
-        *parents, leaf = key[len("--config."):].split(".")
-        node, where = config, "config"
-        for name in [*parents, leaf]:
-            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UsageError(f"{key}: {where} has no field {name!r}{hint} (fields: "
-                                 f"{', '.join(valid)})")
-            if name != leaf:
-                node, where = node[name], f"{where}.{name}"
-        old = node[leaf]
-        node[leaf] = _typed(key, old, value)
+        node, leaf = _field(config, key[len("--config."):], key)
+        node[leaf] = _typed(key, node[leaf], value)
+
+
+def set_fields(config: ml_collections.ConfigDict, values: Mapping[str, Any]
+               ) -> ml_collections.ConfigDict:
+    """Set dotted fields (`{"rl.beta": 0.0}`) to Python values, the way the command line's
+    overrides find them (an unknown field is an error); returns `config`."""
+    for dotted, value in values.items():
+        node, leaf = _field(config, dotted, dotted)
+        node[leaf] = value
+    return config
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str, key: str
+           ) -> tuple[ml_collections.ConfigDict, str]:
+    """(the group holding field `dotted`, the field's name); `key` names it in errors."""
+    *parents, leaf = dotted.split(".")
+    node, where = config, "config"
+    for name in [*parents, leaf]:
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"{key}: {where} has no field {name!r}{hint} (fields: "
+                             f"{', '.join(valid)})")
+        if name != leaf:
+            node, where = node[name], f"{where}.{name}"
+    return node, leaf
 
 
 def _typed(key: str, old: Any, value: str) -> Any:

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tempo_jax import cli
 from tempo_jax import evaluate as ev
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.data.synthetic import SyntheticSpec, generate
@@ -25,14 +26,7 @@ TINY = {"model.tiny_overrides.hidden_size": 64, "model.tiny_overrides.num_hidden
 
 
 def _config() -> ml_collections.ConfigDict:
-    c = get_config("tiny")
-    for k, v in TINY.items():
-        section, *rest = k.split(".")
-        node = c[section]
-        for p in rest[:-1]:
-            node = node[p]
-        node[rest[-1]] = v
-    return c
+    return cli.set_fields(get_config("tiny"), TINY)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from tempo_jax import cli, hf
 from tempo_jax import export as export_lib
-from tempo_jax import hf
 from tempo_jax import train as train_lib
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.data import prompts as prompts_lib
@@ -51,14 +51,7 @@ SAMPLE = "Find 12.5s to 17.8s: a red circle moves <|im_end|> naïve 東京 <answ
 
 
 def small_config() -> ml_collections.ConfigDict:
-    c = get_config("tiny")
-    for k, v in OVERRIDES.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return cli.set_fields(get_config("tiny"), OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +116,11 @@ def test_export_writes_weights_settings_tokenizer_and_equals_the_trainers(workdi
     # the latest checkpoint, with the frozen vision tower rebuilt from the config, is exactly
     # what the trainer itself exported at the end of the run
     ours, trainers = _weights(exported), _weights(workdir / "hf")
+    # one export path: the trainer's hf/ holds the same files, byte for byte apart from the
+    # safetensors (their tensors compared below; the header order may differ)
+    assert {p.name for p in (workdir / "hf").iterdir()} == names
+    for f in names - {n for n in names if n.endswith(".safetensors")}:
+        assert (workdir / "hf" / f).read_bytes() == (exported / f).read_bytes(), f
     assert set(ours) == set(trainers)
     assert any(k.startswith("visual.") for k in ours)
     for k, v in trainers.items():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import slow_commit
 
+from tempo_jax import cli
 from tempo_jax import export as export_lib
 from tempo_jax import train as train_lib
 from tempo_jax.configs.tempo_r0 import get_config
@@ -38,14 +39,7 @@ SMALL = {
 
 
 def small_config(**over):
-    c = get_config("tiny")
-    for k, v in {**SMALL, **over}.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return cli.set_fields(get_config("tiny"), {**SMALL, **over})
 
 
 def _flags(over: dict) -> list[str]:

@@ -9,7 +9,6 @@ import json
 import logging
 from pathlib import Path
 
-import jax
 import ml_collections
 from etils import epath
 
@@ -17,6 +16,7 @@ from tempo_jax import fileio
 from tempo_jax.data import processor as processor_lib
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
+from tempo_jax.distributed import is_main
 from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.models.qwen2_5_vl.params import save_pretrained
 from tempo_jax.training.setup import SETTINGS_FILE, settings_dict
@@ -92,7 +92,7 @@ def save_hf(config: ml_collections.ConfigDict, model: Qwen25VL, out: str | Path)
     one). On several hosts every process calls it (tensors are gathered one at a time) and
     process 0 writes."""
     out = check_out_dir(out)
-    main = jax.process_index() == 0
+    main = is_main()
     with fileio.replace_dir(out, write=main) as stage:
         files = save_pretrained(model, stage)
         if main:

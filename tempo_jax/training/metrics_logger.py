@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-import jax
+from tempo_jax.distributed import is_main
 
 log = logging.getLogger("tempo_jax.training")
 
@@ -17,7 +17,7 @@ class MetricsLogger:
     TensorBoard writer has a background thread)."""
 
     def __init__(self, workdir: Path):
-        self.is_main = jax.process_index() == 0
+        self.is_main = is_main()
         self.file = open(Path(workdir) / "metrics.jsonl", "a") if self.is_main else None  # noqa: SIM115
         self.tb = None
         if self.is_main:

@@ -24,6 +24,7 @@ from flax import nnx
 from tempo_jax import fileio
 from tempo_jax import sharding as shd
 from tempo_jax.data.pipeline import Loader, PipelineConfig, make_loader
+from tempo_jax.distributed import is_main
 from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import evaluation, report
@@ -181,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     returns or raises, every checkpoint it started is committed and every file it wrote
     (metrics, TensorBoard events, evaluations, export, report) is complete on disk."""
     workdir = Path(workdir).absolute()  # Orbax wants absolute paths
-    main = jax.process_index() == 0  # only process 0 writes logs, plots, report, export
+    main = is_main()  # only process 0 writes logs, plots, report, export
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         fileio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
