@@ -126,3 +126,15 @@ def all_gather_json(obj: Any) -> list[Any]:
     blocks = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [json.loads(bytes(b[:int(n)]).decode()) for b, n in zip(blocks, sizes.ravel(),
                                                                      strict=True)]
+
+
+def agree_with_main(flag: bool) -> bool:
+    """Process 0's `flag` on every process: a decision that leads into collective work (e.g.
+    whether a file on a shared filesystem exists) must be taken alike everywhere."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))

@@ -269,7 +269,8 @@ def generate_global(
 ) -> GenerateOutput:
     """`generate` on left-padded prompts as they are, with no host preparation: host arrays
     (`generate_from_inputs` after its own), or global arrays on the model's mesh
-    (`sharding.global_batch`, `start` = `sharding.shard_rows` of `positions.decode_start`).
+    (`data.batching.global_batch`, `start` = `sharding.shard_rows` of
+    `positions.decode_start`).
     On several hosts every process runs the same program, each having passed in only its own
     prompts, and gets every row (prompt-major) back; `sharding.process_rows` says which
     prompts are this process's."""

@@ -67,7 +67,7 @@ def load_settings(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def pipeline_config(settings: dict[str, Any]) -> PipelineConfig:
-    """The evaluator's pipeline settings (`train.pipeline_config(..., with_answer=False)`) for
+    """The evaluator's pipeline settings (`training.setup.pipeline_config(...)`) for
     one prompt, from the saved settings (fields absent there keep their defaults, as in
     training)."""
     return config_from_settings(settings, batch_size=1, with_answer=False, pad_side="left",

@@ -1,4 +1,5 @@
-"""Meshes, the logical-axis rules table, activation constraints and global batches.
+"""Meshes, the logical-axis rules table, activation constraints and per-row arrays on a mesh
+(a collated batch as global arrays is `data.batching.global_batch`).
 
 Every parameter carries logical axis names (`('embed', 'mlp')`); one rules table maps them to
 mesh axes. The same model then runs on a TPU slice, a GPU node or 8 fake CPU devices by
@@ -286,8 +287,9 @@ def owned_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> di
 def shard_rows(a, mesh: Mesh | None, rules: Rules = DEFAULT_RULES, *, pad_axis: int | None = None,
                fill=0):
     """A per-row host array [B_local, ...] (e.g. the answer positions of a batch) as a global
-    array sharded like the batch rows of `global_batch`. With several processes, `pad_axis` is
-    first padded (with `fill`, at the end) to the longest host's size."""
+    array sharded like the batch rows of `data.batching.global_batch`. With several
+    processes, `pad_axis` is first padded (with `fill`, at the end) to the longest host's
+    size."""
     a = np.asarray(a)
     if mesh is None:
         return a
@@ -309,8 +311,8 @@ def shard_rows(a, mesh: Mesh | None, rules: Rules = DEFAULT_RULES, *, pad_axis: 
 
 def process_rows(a) -> np.ndarray:
     """The rows (first-axis indices) of global array `a` held on this process's devices, in
-    order: where this process's local data went in `global_batch` / `shard_rows`. A host
-    array (no mesh) is all local."""
+    order: where this process's local data went in `data.batching.global_batch` /
+    `shard_rows`. A host array (no mesh) is all local."""
     n = a.shape[0]
     if not isinstance(a, jax.Array) or a.is_fully_addressable:
         return np.arange(n)

@@ -58,7 +58,7 @@ class PipelineConfig:
 
 def config_from_settings(settings: dict, **kw) -> PipelineConfig:
     """A `PipelineConfig` from saved SAA / prompt settings (`tempo_settings.json`, or
-    `train.settings_dict`): training, evaluation and the `transformers` helpers all build
+    `training.setup.settings_dict`): training, evaluation and the `transformers` helpers all build
     their prompts through here, so they agree. Other keys of `settings` are ignored."""
     saa = saa_lib.SAAConfig.from_dict(dict(settings.get("saa", {})))
     prompt = prompts_lib.PromptConfig(**settings.get("prompt", {}))

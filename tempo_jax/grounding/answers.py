@@ -121,7 +121,7 @@ def parse_answer(text: Any) -> Answer:
 
 # --- format reward ---------------------------------------------------------------------------
 
-# --- IoU --------------------- -------------------------------------------------------------------
+# --- IoU -------------------------------------------------------------------------------------
 
 def _window(w: Any) -> tuple[float, float] | None:
     """Any 2-sequence of numbers -> finite sorted (s, e), else None (bad data is skipped,

@@ -22,7 +22,7 @@ from flax import nnx
 from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.training import setup
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 
 def checkpoint_meta(manager, step: int) -> dict:

@@ -26,7 +26,7 @@ from tempo_jax.data.sources import (
 from tempo_jax.data.sources import make_pir as make_pir_pairs
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 
 @dataclasses.dataclass

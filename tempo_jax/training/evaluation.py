@@ -44,10 +44,10 @@ def _cached_lists(examples: list[dict]) -> Iterator[list[dict]]:
     if nproc == 1:
         yield from (examples[i:i + BATCH] for i in range(0, len(examples), BATCH))
         return
-    mine = examples[jax.process_index()::nproc]
-    if not mine:
+    if len(examples) < nproc:  # decided alike on every process (same list everywhere)
         raise ValueError(f"{len(examples)} validation examples for {nproc} processes: "
-                         "a process has none to evaluate")
+                         "a process would have none to evaluate")
+    mine = examples[jax.process_index()::nproc]
     n = math.ceil(math.ceil(len(examples) / nproc) / BATCH)
     for i in range(n):
         part = mine[i * BATCH:(i + 1) * BATCH] or mine[-1:]
@@ -64,13 +64,15 @@ def _streamed_lists(loader) -> Iterator[list[dict]]:
     it = iter(loader)
     while True:
         part = next(it, None)
-        if not all_rows(np.array([part is not None])).any():
+        # one collective per batch: who has a batch, and who could fill in for a missing one
+        flags = all_rows(np.array([[part is not None, part is not None or last is not None]]))
+        if not flags[:, 0].any():
             return
-        if part is not None:
-            last = part
-        elif last is None:
+        if not flags[:, 1].all():  # raised on every process alike, not only the empty one
             raise ValueError("a process's share of the validation set has no loadable "
                              "example")
+        if part is not None:
+            last = part
         yield _padded(part if part is not None else last[-1:], BATCH)
 
 

@@ -32,7 +32,7 @@ from tempo_jax.training.optimizer import make_optimizer
 from tempo_jax.training.setup import pipeline_config
 from tempo_jax.training.steps import Steps, make_steps
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 
 def rollout(model: Qwen25VL, batch: dict, mesh, rules, *, num_samples: int,
@@ -201,11 +201,12 @@ def run_grpo(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | N
         ub = update_batch(trainer, done, picks, valid, pcfg, capacity, rc)
         opt_state, loss, m, skipped = update(trainer, steps, ub, opt_state, ref_params, gcfg, g)
         return StepResult(opt_state, _rollout_metrics(done, loss, m, valid), skipped=skipped,
-                          tokens=int(sum(d["out"].lengths.sum() for d in done)))
+                          tokens=int(all_rows(np.concatenate(
+                              [d["out"].lengths for d in done])).sum()))
 
     return run_stage(trainer, "grpo", "PIR-GRPO", step0, rc.steps, step_fn,
                      opt_state=opt_state, rng=rng, loader=loader,
-                     log_every=rc.get("log_every", c.log_every),
+                     log_every=rc.get("log_every", 1),
                      postfix=lambda m: {"reward": f"{m['reward']:.2f}",
                                         "kl": f"{m.get('kl', 0.0):.3f}"})
 

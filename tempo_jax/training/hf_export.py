@@ -21,7 +21,7 @@ from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.models.qwen2_5_vl.params import save_pretrained
 from tempo_jax.training.setup import SETTINGS_FILE, settings_dict
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 # tokenizer / processor files of a released Qwen2.5-VL checkpoint, copied when present
 TOKENIZER_FILES = (

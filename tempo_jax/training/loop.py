@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tempo_jax.distributed import is_main
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 
 class MetricsLogger:

@@ -21,7 +21,7 @@ from tempo_jax.training.optimizer import make_optimizer
 from tempo_jax.training.setup import pipeline_config
 from tempo_jax.training.steps import make_steps
 
-log = logging.getLogger("tempo_jax.training")
+log = logging.getLogger("tempo_jax.train")
 
 
 def _contrast_share(c, data: data_lib.Data) -> float:

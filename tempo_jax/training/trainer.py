@@ -24,13 +24,13 @@ from flax import nnx
 from tempo_jax import fileio
 from tempo_jax import sharding as shd
 from tempo_jax.data.pipeline import Loader, PipelineConfig, make_loader
-from tempo_jax.distributed import is_main
+from tempo_jax.distributed import agree_with_main, is_main
 from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import evaluation, report
 from tempo_jax.training.checkpoints import Checkpoints
 from tempo_jax.training.grpo import run_grpo
-from tempo_jax.training.hf_export import save_hf
+from tempo_jax.training.hf_export import check_out_dir, save_hf
 from tempo_jax.training.metrics_logger import MetricsLogger
 from tempo_jax.training.setup import build_model, load_tokenizer, make_mesh, trainable_filter
 from tempo_jax.training.sft import run_sft
@@ -187,6 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if main:
         fileio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
+    check_out_dir(workdir / "hf")  # before training, not after it
     data = data_lib.prepare_data(config, workdir)
     with Trainer(config, workdir) as trainer:
         result: dict[str, Any] = {"baseline": report.baseline_constant_window(data.train,
@@ -195,7 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
         def after_stage(stage: str) -> None:
             path = workdir / f"eval_{stage}.json"
-            if path.exists():  # evaluated before a restart
+            # evaluated before a restart (process 0's view: the evaluation is collective)
+            if agree_with_main(path.exists()):
                 result[stage] = json.loads(path.read_text())
                 return
             metrics, rows = trainer.evaluate(data)
