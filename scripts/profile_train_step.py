@@ -6,7 +6,9 @@ pieces, each jitted alone, forward and forward + backward:
 - `attention` / `mlp`: one layer's attention block and its MLP, alone;
 - `embed`: the token embedding lookup (its gradient is a scatter-add into [vocab, hidden]);
 - `head`: final norm, LM head at the 64 completion positions, log-softmax, the GRPO loss;
-- `step`: the whole step as the trainer runs it.
+- `step`: the whole loss on one plain forward (a profiling cut like the others: the
+  trainer's own jitted step, `training.steps.make_steps(tx).grpo_grad`, is what
+  `bench_train_step.py` times).
 
     python scripts/profile_train_step.py [--reps 3] [--trace]
 
