@@ -295,8 +295,14 @@ def proc(examples, out: Path) -> None:
                         and not mine[n:].any())
     roll = run_rollout(c, mesh, rules, examples, vision, range(me * 2, me * 2 + 2))
     evaluation = run_eval(c, mesh, rules, examples)
+    # a streamed validation share that ends early: this process fills in padding batches
+    # until the other is done (2 batches here, 1 there)
+    from tempo_jax.training.evaluation import lockstep_lists
+
+    share = [[examples[0], examples[1]], [examples[2]]] if me == 0 else [[examples[4]]]
+    lockstep = [[ex["qid"] for ex in part] for part in lockstep_lists(iter(share))]
     (out / f"proc_{me}.json").write_text(json.dumps({
-        "rollout": roll, "eval": evaluation,
+        "rollout": roll, "eval": evaluation, "lockstep": lockstep,
         "losses": losses, "process": me, "global_rows": int(inputs["input_ids"].shape[0]),
         "local_patches": int(np.asarray(batches[0]["video_grid_thw"]).prod(1).sum()),
         "pixels_local": pixels_local, "pixel_rows": int(pix.shape[0]),

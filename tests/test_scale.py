@@ -267,6 +267,15 @@ def test_two_process_run_matches_one_process(mesh8, examples, tmp_path):
         assert g["eval"]["metrics"].keys() == ref["metrics"].keys()
         for k, v in ref["metrics"].items():
             assert g["eval"]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
+    from tempo_jax.training.evaluation import BATCH, PAD_SUFFIX
+
+    def real(part):
+        return [q for q in part if not q.endswith(PAD_SUFFIX)]
+
+    for g in got:  # lock-step streamed shares: as many batches everywhere, padded to BATCH
+        assert [len(part) for part in g["lockstep"]] == [BATCH, BATCH]
+    assert [len(real(p)) for p in got[0]["lockstep"]] == [2, 1]
+    assert [len(real(p)) for p in got[1]["lockstep"]] == [1, 0]
     a, b = CheckpointReader(tmp_path / "hf"), CheckpointReader(out1 / "ref_hf")
     assert sorted(a.keys()) == sorted(b.keys())
     worst = max(float(np.abs(a.read(k).astype(np.float64) - b.read(k).astype(np.float64)).max())

@@ -28,16 +28,18 @@ from tempo_jax.training import data as data_lib
 from tempo_jax.training.setup import pipeline_config
 
 BATCH = 8
-_PAD = "|eval-pad"  # qid suffix of the rows that only fill a process's last batch
+PAD_SUFFIX = "|eval-pad"  # qid suffix of the rows that only fill a process's last batch
 
 
-def _padded(examples: list[dict], size: int) -> list[dict]:
-    """`examples` filled up to `size` rows with copies of the last one (marked padding)."""
-    fill = [{**examples[-1], "qid": f"{examples[-1]['qid']}{_PAD}"}] * (size - len(examples))
-    return list(examples) + fill
+def _padded(examples: list[dict], size: int, like: dict | None = None) -> list[dict]:
+    """`examples` filled up to `size` rows with copies of the last one (or of `like` when
+    there is none), marked padding: they keep the batch's shape and never reach the rows."""
+    src = examples[-1] if examples else like
+    pad = {**src, "qid": f"{src['qid']}{PAD_SUFFIX}"}
+    return list(examples) + [pad] * (size - len(examples))
 
 
-def _cached_lists(examples: list[dict]) -> Iterator[list[dict]]:
+def host_share_lists(examples: list[dict]) -> Iterator[list[dict]]:
     """This process's share of `examples` in batches: every process runs as many batches of
     `BATCH` rows as the largest share needs (collective steps)."""
     nproc = jax.process_count()
@@ -50,11 +52,10 @@ def _cached_lists(examples: list[dict]) -> Iterator[list[dict]]:
     mine = examples[jax.process_index()::nproc]
     n = math.ceil(math.ceil(len(examples) / nproc) / BATCH)
     for i in range(n):
-        part = mine[i * BATCH:(i + 1) * BATCH] or mine[-1:]
-        yield _padded(part, BATCH)
+        yield _padded(mine[i * BATCH:(i + 1) * BATCH], BATCH, like=mine[-1])
 
 
-def _streamed_lists(loader) -> Iterator[list[dict]]:
+def lockstep_lists(loader) -> Iterator[list[dict]]:
     """A streaming loader's example lists (`collated=False`), in lock-step across processes:
     a process whose share is exhausted fills in padding until every process is done."""
     if jax.process_count() == 1:
@@ -73,7 +74,7 @@ def _streamed_lists(loader) -> Iterator[list[dict]]:
                              "example")
         if part is not None:
             last = part
-        yield _padded(part if part is not None else last[-1:], BATCH)
+        yield _padded(part if part is not None else [], BATCH, like=last[-1])
 
 
 def _collated(lists: Iterator[list[dict]], pcfg, vision) -> Iterator[dict]:
@@ -90,8 +91,8 @@ def evaluate_examples(model: Any, examples: list[dict], tokenizer: Any,
     multi = mesh is not None and jax.process_count() > 1
     pcfg = pipeline_config(config, batch_size=BATCH, with_answer=False, pad_side="left")
     tf = pipeline_config(config, batch_size=BATCH)  # teacher-forced: prompt + answer
-    batches = _collated(_cached_lists(data_lib.prompt_examples(examples)), pcfg, vision)
-    tf_batches = _collated(_cached_lists(examples), tf, vision)
+    batches = _collated(host_share_lists(data_lib.prompt_examples(examples)), pcfg, vision)
+    tf_batches = _collated(host_share_lists(examples), tf, vision)
     return _answer_and_score(model, batches, tf_batches, tokenizer, config, tf.prompt,
                              [str(ex["qid"]) for ex in examples], mesh if multi else None,
                              rules)
@@ -102,7 +103,7 @@ def _answer_and_score(model, batches, tf_batches, tokenizer, config, prompt_cfg,
     rows = [row for batch_rows in answer_rows(model, batches, tokenizer,
                                               config.eval_max_new_tokens, mesh=mesh,
                                               rules=rules)
-            for row in batch_rows if not str(row["qid"]).endswith(_PAD)]
+            for row in batch_rows if not str(row["qid"]).endswith(PAD_SUFFIX)]
     p_none = refusal_probabilities(model, tf_batches, tokenizer, prompt_cfg, mesh=mesh,
                                    rules=rules)
     if mesh is not None and jax.process_count() > 1:  # every process's rows, in order
@@ -134,7 +135,7 @@ def evaluate(trainer: Any, data: data_lib.Data, n: int | None = None
     tf = pipeline_config(c, batch_size=BATCH)
 
     def stream(cfg):
-        lists = _streamed_lists(trainer.stream(
+        lists = lockstep_lists(trainer.stream(
             data.val[:n], data.video_root, dataclasses.replace(cfg, shuffle=False,
                                                                num_epochs=1),
             require_usable=False, collated=not multi))
