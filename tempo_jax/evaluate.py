@@ -35,7 +35,7 @@ from tempo_jax.grounding.metrics import (
     load_jsonl_records,
     qvhighlights_metrics,
 )
-from tempo_jax.inference import answer_rows, refusal_probabilities  # noqa: F401  (re-exported)
+from tempo_jax.inference import answer_rows
 
 __all__ = [
     "Loaded", "add_metrics_parser", "add_run_parser", "answer_rows", "apply_overrides",
