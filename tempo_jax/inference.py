@@ -21,11 +21,29 @@ from tempo_jax import sharding as shd
 from tempo_jax.data.batching import global_batch
 from tempo_jax.data.pipeline import jsonable, model_inputs
 from tempo_jax.data.prompts import ENDOFTEXT_ID, EOS_IDS, encode_text, format_answer
-from tempo_jax.generate import generate_from_inputs, generate_global
+from tempo_jax.generate import GenerateOutput, generate_from_inputs, generate_global
 from tempo_jax.grounding.answers import parse_answer
 from tempo_jax.models.qwen2_5_vl.positions import decode_start
 
-__all__ = ["answer_rows", "refusal_probabilities"]
+__all__ = ["answer_rows", "refusal_probabilities", "sample_rows"]
+
+
+def sample_rows(model, batch: dict, mesh, rules=shd.DEFAULT_RULES, *, num_samples: int,
+                max_new_tokens: int, temperature: float, top_p: float = 1.0, rng=None):
+    """`num_samples` completions of each prompt of this process's left-padded `batch`, run as
+    one sharded program on the global batch (every process passes its own rows). Returns this
+    process's rows (prompt-major, host arrays) and the batch's model inputs as global arrays.
+    PIR-GRPO's rollout and the greedy evaluation on a mesh both sample through here."""
+    inputs = global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
+    start = shd.shard_rows(decode_start(batch["position_ids"], batch["attention_mask"])
+                           .astype(np.int32), mesh, rules)
+    with shd.use_mesh(mesh, rules):
+        out = generate_global(
+            model, inputs, start, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, num_samples=num_samples, eos_token_id=list(EOS_IDS), rng=rng,
+            pad_token_id=ENDOFTEXT_ID)
+    mine = (shd.process_rows(start)[:, None] * num_samples + np.arange(num_samples)).ravel()
+    return GenerateOutput(out.tokens[mine], out.logprobs[mine], out.lengths[mine]), inputs
 
 
 def _greedy(model, batch: dict, max_new_tokens: int, mesh, rules):
@@ -34,16 +52,10 @@ def _greedy(model, batch: dict, max_new_tokens: int, mesh, rules):
         out = generate_from_inputs(model, model_inputs(batch), max_new_tokens=max_new_tokens,
                                    temperature=0, eos_token_id=list(EOS_IDS),
                                    pad_token_id=ENDOFTEXT_ID)
-        return out.tokens, out.lengths
-    inputs = global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
-    start = shd.shard_rows(decode_start(batch["position_ids"], batch["attention_mask"])
-                           .astype(np.int32), mesh, rules)
-    with shd.use_mesh(mesh, rules):
-        out = generate_global(model, inputs, start, max_new_tokens=max_new_tokens,
-                              temperature=0, eos_token_id=list(EOS_IDS),
-                              pad_token_id=ENDOFTEXT_ID)
-    mine = shd.process_rows(start)
-    return out.tokens[mine], out.lengths[mine]
+    else:
+        out, _ = sample_rows(model, batch, mesh, rules, num_samples=1,
+                             max_new_tokens=max_new_tokens, temperature=0)
+    return out.tokens, out.lengths
 
 
 def answer_rows(model: Any, batches: Iterable[dict], tokenizer: Any, max_new_tokens: int, *,

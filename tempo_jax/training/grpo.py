@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tempo_jax import sharding as shd
-from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data.batching import global_batch
 from tempo_jax.data.pipeline import batch_patch_capacity, collate
 from tempo_jax.distributed import all_rows
-from tempo_jax.generate import GenerateOutput, generate_global
+from tempo_jax.inference import sample_rows
 from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.rl import grpo as grpo_lib
 from tempo_jax.rl import rewards as rewards_lib
@@ -38,18 +37,11 @@ log = logging.getLogger("tempo_jax.train")
 def rollout(model: Qwen25VL, batch: dict, mesh, rules, *, num_samples: int,
             max_new_tokens: int, temperature: float, top_p: float, rng):
     """PIR-GRPO's sampling step: `num_samples` completions of each prompt of this process's
-    left-padded `batch`. Returns this process's rows (prompt-major, host arrays) and the
-    batch's model inputs as global arrays (what the update step takes). On several hosts
-    every process runs the same sharded program on the global batch."""
-    inputs = global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
-    start = shd.shard_rows(data_lib.decode_start(batch).astype(np.int32), mesh, rules)
-    with shd.use_mesh(mesh, rules):
-        out = generate_global(
-            model, inputs, start, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, num_samples=num_samples, eos_token_id=list(prompts_lib.EOS_IDS),
-            rng=rng, pad_token_id=prompts_lib.ENDOFTEXT_ID)
-    mine = (shd.process_rows(start)[:, None] * num_samples + np.arange(num_samples)).ravel()
-    return GenerateOutput(out.tokens[mine], out.logprobs[mine], out.lengths[mine]), inputs
+    left-padded `batch` (`inference.sample_rows`): this process's rows (prompt-major, host
+    arrays) and the batch's model inputs as global arrays (what the update step takes)."""
+    return sample_rows(model, batch, mesh, rules, num_samples=num_samples,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       rng=rng)
 
 
 def score(texts: list[str], meta: list[dict], rc, thinking: bool) -> tuple[np.ndarray, dict]:
