@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from etils import epath
 
@@ -70,6 +70,8 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    family: ClassVar[str] = MODEL_TYPE  # which model family (a class constant, not a field)
+
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
     tie_word_embeddings: bool = False

@@ -12,7 +12,6 @@ the transformers-style convenience entry point that prepares those arrays itself
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -21,101 +20,35 @@ import numpy as np
 from flax import nnx
 
 from tempo_jax.models.attention import attention, check_backend
+from tempo_jax.models.layers import (
+    LOGITS,
+    REMAT_POLICIES,
+    RESIDUAL,
+    Embed,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RuntimeOptions,
+    apply_rope,
+    check_remat,
+    dot_2d,
+    host_array,
+    inv_freq,
+    remat_layer,
+    segment_attention,
+    vision_rotary,
+)
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
 from tempo_jax.sharding import constrain
 
-REMAT_POLICIES = ("none", "full", "dots")
-RESIDUAL = ("batch", "seq", "embed")  # logical names of the activations (sharding.constrain)
-LOGITS = ("batch", "seq", "vocab")
-
-_init = jax.nn.initializers.normal(0.02)
-
-
-@dataclasses.dataclass(frozen=True)
-class RuntimeOptions:
-    """How the model runs (not what it is): dtypes, attention backend, rematerialisation."""
-
-    dtype: Any = jnp.float32  # compute dtype; norms' statistics and softmax are always fp32
-    attention_backend: str = "xla"
-    remat: str = "none"
-    splash_interpret: bool = False  # run the splash kernel in Pallas interpret mode (CPU)
-
-
-def _dot_2d(x, w, **kw):
-    """`x @ w` with x's leading axes merged into one. On a [B, L, D] operand XLA:CPU copies the
-    [B, L, F] output gradient into an [F, B, L] transpose before the weight-gradient dot (about
-    0.4 of an MLP's backward at the `bench` size); on [B*L, D] it does not. The merge is free
-    (the leading axes are contiguous and only the batch axis is ever sharded)."""
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, **kw)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-class Linear(nnx.Module):
-    def __init__(self, din, dout, *, bias, axes, param_dtype, rngs):
-        self.kernel = nnx.Param(_init(rngs.params(), (din, dout), param_dtype), axes=axes)
-        self.bias = (
-            nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[1],)) if bias else None
-        )
-
-    def __call__(self, x, dtype):
-        y = _dot_2d(x.astype(dtype), self.kernel[...].astype(dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim, *, eps, param_dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
-        self.eps = eps
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
-
-
-def _act(name: str):
-    if name == "silu":
-        return jax.nn.silu
-    if name in ("gelu", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=name.endswith("tanh"))
-    raise ValueError(f"unsupported activation {name!r}")
-
-
-def _rotate_half(x):
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def _apply_rope(x, cos, sin):
-    """Rotary embedding in fp32, cast back (cos/sin broadcast over heads)."""
-    xf = x.astype(jnp.float32)
-    return (xf * cos + _rotate_half(xf) * sin).astype(x.dtype)
-
-
-def _inv_freq(theta: float, dim: int) -> np.ndarray:
-    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(np.float32)
-
+__all__ = [  # RuntimeOptions, REMAT_POLICIES, RESIDUAL, LOGITS: re-exported from layers
+    "LOGITS", "REMAT_POLICIES", "RESIDUAL", "Qwen25VL", "RuntimeOptions", "TextModel",
+    "VisionTower", "extend_side", "prepare_inputs",
+]
 
 # --------------------------------------------------------------------------- vision tower
-class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)); the vision tower's has biases, the decoder's does not."""
-
-    def __init__(self, d: int, f: int, act: str, *, bias: bool, param_dtype, rngs):
-        kw = dict(bias=bias, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
-        self.act = act
-
-    def __call__(self, x, dtype):
-        act = _act(self.act)
-        return self.down_proj(act(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
-
-
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
         d = cfg.hidden_size
@@ -130,18 +63,9 @@ class VisionAttention(nnx.Module):
         n = x.shape[0]
         qkv = self.qkv(x, opts.dtype).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = _apply_rope(q, cos[:, None], sin[:, None])
-        k = _apply_rope(k, cos[:, None], sin[:, None])
-        # packed segments, head-major: [N, H, D] -> [H, N, D] -> gather [H, S, Lmax, D] ->
-        # [S, H, Lmax, D]; keys outside a segment are masked
-        s, lmax = index.shape
-        qs, ks, vs = (jnp.swapaxes(jnp.swapaxes(t, 0, 1)[:, index], 0, 1) for t in (q, k, v))
-        out = attention(
-            qs, ks, vs, scale=self.head_dim**-0.5, backend=opts.attention_backend,
-            kv_valid=valid, causal=False, splash_interpret=opts.splash_interpret,
-            heads_first=True, valid_is_prefix=True,  # segments padded at the end
-        )
-        out = jnp.swapaxes(out, 1, 2).reshape(s * lmax, -1)[slot]
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        out = segment_attention(q, k, v, index, valid, slot, opts)
         return self.proj(out, opts.dtype)
 
 
@@ -196,11 +120,7 @@ class VisionTower(nnx.Module):
     def __call__(self, pixels, meta: dict, opts: RuntimeOptions):
         """pixels [N, 1176] -> merged features [N / 4, out_hidden] in input order."""
         x = self.patch_embed(pixels, opts.dtype)[meta["patch_perm"]]
-        inv = jnp.asarray(_inv_freq(self.cfg.rope_theta, self.cfg.head_dim // 2))
-        freqs = meta["rot_pos"][..., None].astype(jnp.float32) * inv  # [N, 2, hd/4]
-        emb = freqs.reshape(freqs.shape[0], -1)
-        emb = jnp.concatenate([emb, emb], axis=-1)
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        cos, sin = vision_rotary(meta["rot_pos"], self.cfg.rope_theta, self.cfg.head_dim)
         full = set(self.cfg.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
             kind = "full" if i in full else "win"
@@ -229,8 +149,8 @@ class TextAttention(nnx.Module):
         q = self.q_proj(x, opts.dtype).reshape(b, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
-        q = _apply_rope(q, cos[:, :, None], sin[:, :, None])
-        k = _apply_rope(k, cos[:, :, None], sin[:, :, None])
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        k = apply_rope(k, cos[:, :, None], sin[:, :, None])
         return q, k, v
 
     def __call__(self, x, cos, sin, valid, opts: RuntimeOptions):
@@ -282,15 +202,6 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), cache_k, cache_v
 
 
-class Embed(nnx.Module):
-    def __init__(self, vocab, dim, *, param_dtype, rngs):
-        self.embedding = nnx.Param(_init(rngs.params(), (vocab, dim), param_dtype),
-                                   axes=("vocab", "embed"))
-
-    def __call__(self, ids):
-        return self.embedding[...][ids]
-
-
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
         self.cfg = cfg
@@ -305,7 +216,7 @@ class TextModel(nnx.Module):
     def mrope(self, position_ids):
         """cos/sin [B, L, head_dim] from [3, B, L] positions: frequency band i of the rotary
         dimensions reads axis i % 3 of the position (mrope_section sizes)."""
-        inv = jnp.asarray(_inv_freq(self.cfg.rope_theta, self.cfg.head_dim))
+        inv = jnp.asarray(inv_freq(self.cfg.rope_theta, self.cfg.head_dim))
         freqs = position_ids[..., None].astype(jnp.float32) * inv  # [3, B, L, hd/2]
         bounds = np.cumsum((0, *self.cfg.mrope_section))
         parts = [freqs[i % 3, ..., bounds[i]:bounds[i + 1]] for i in range(3)]
@@ -314,19 +225,17 @@ class TextModel(nnx.Module):
         return jnp.cos(emb), jnp.sin(emb)
 
     def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions,
-                 return_kv: bool = False):
+                 return_kv: bool = False, side: None = None):
         """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
         (the prefill of a KV cache). `attention_mask` None: no key is padding (or padding only
-        trails each row, where causal attention never lets a valid token see it)."""
+        trails each row, where causal attention never lets a valid token see it). `side` is
+        the family interface's decoder side input (`Qwen25VL.embed_for_decoder`): always None
+        for Qwen2.5-VL, whose decoder reads nothing but the embeddings."""
+        if side is not None:
+            raise ValueError("Qwen2.5-VL's decoder takes no side inputs (side must be None)")
         cos, sin = self.mrope(position_ids)
         valid = None if attention_mask is None else attention_mask.astype(bool)
-        layer_fn = lambda layer, h: layer(h, cos, sin, valid, opts)
-        if opts.remat != "none":
-            policy = (
-                jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-                if opts.remat == "dots" else jax.checkpoint_policies.nothing_saveable
-            )
-            layer_fn = nnx.remat(layer_fn, policy=policy)
+        layer_fn = remat_layer(lambda layer, h: layer(h, cos, sin, valid, opts), opts.remat)
         kvs = []
         x = constrain(x, RESIDUAL)
         for layer in self.layers:
@@ -363,8 +272,7 @@ class Qwen25VL(nnx.Module):
         self.config = config
         self.options = options or RuntimeOptions(dtype=param_dtype)
         check_backend(self.options.attention_backend)
-        if self.options.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.options.remat!r}")
+        check_remat(self.options.remat)
         self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
         self.model = TextModel(config.text, param_dtype=param_dtype, rngs=rngs)
         if not config.tie_word_embeddings:
@@ -393,6 +301,15 @@ class Qwen25VL(nnx.Module):
         x = jnp.where((is_img | is_vid)[:, None], picked, x.reshape(flat.shape[0], -1))
         return x.reshape(*ids.shape, -1)
 
+    def embed_for_decoder(self, inputs: dict) -> tuple[jax.Array, None]:
+        """`(x, side)` for `self.model(x, ..., side=side)`, the interface both families share;
+        Qwen2.5-VL's decoder needs nothing besides the embeddings, so `side` is None."""
+        return self.embed(inputs), None
+
+    def extend_side(self, side: None, n_new: int) -> None:
+        """The decoder side input after `n_new` appended text positions (None stays None)."""
+        return extend_side(side, n_new)
+
     def hidden_states(self, inputs: dict):
         """Final-norm hidden states [B, L, D]."""
         x = self.embed(inputs)
@@ -405,7 +322,7 @@ class Qwen25VL(nnx.Module):
             w = self.model.embed_tokens.embedding[...].astype(dt).T
         else:
             w = self.lm_head.kernel[...].astype(dt)
-        out = _dot_2d(h.astype(dt), w, preferred_element_type=jnp.float32)
+        out = dot_2d(h.astype(dt), w, preferred_element_type=jnp.float32)
         return constrain(out, LOGITS) if out.ndim == 3 else out
 
     def forward(self, inputs: dict, logits_positions=None):
@@ -440,22 +357,20 @@ class Qwen25VL(nnx.Module):
         return _jit_forward(self, inputs)
 
 
+def extend_side(side: None, n_new: int) -> None:
+    """Qwen2.5-VL has no decoder side input: nothing to extend."""
+    if side is not None:
+        raise ValueError("Qwen2.5-VL's decoder takes no side inputs (side must be None)")
+    return None
+
+
 @nnx.jit
 def _jit_forward(model: Qwen25VL, inputs: dict):
     return model.forward(inputs)
 
 
 def _np(x):
-    if x is None:
-        return None
-    if isinstance(x, jax.core.Tracer):
-        raise TypeError(
-            "Qwen25VL.__call__ prepares inputs on the host and cannot be traced; inside jit use "
-            "prepare_inputs(...) outside and model.forward(inputs) inside"
-        )
-    if hasattr(x, "detach"):  # torch tensors
-        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.cpu().numpy()
-    return np.asarray(x)
+    return host_array(x, "Qwen25VL.__call__")
 
 
 def prepare_inputs(

@@ -1,0 +1,173 @@
+"""Hugging Face checkpoint I/O shared by the model families: streamed, checked loading into an
+abstract NNX model, and sharded export.
+
+A family supplies only its mapping (NNX path -> HF key, layout conversions both ways); the
+reading, the one error that lists every missing / unexpected / mis-shaped tensor, the
+placement of each tensor on its sharding, the per-tensor multi-host gathers and the sharded
+writing are the same for every family and live here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from tempo_jax import sharding as shd
+from tempo_jax.safetensors_io import CheckpointReader, write_sharded
+
+log = logging.getLogger(__name__)
+
+NP_DTYPES = {
+    jnp.dtype(jnp.bfloat16): np.dtype(ml_dtypes.bfloat16),
+    jnp.dtype(jnp.float32): np.dtype(np.float32),
+    jnp.dtype(jnp.float16): np.dtype(np.float16),
+}
+TORCH_DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+
+Path = tuple  # an NNX state path, e.g. ('model', 'layers', 0, 'self_attn', 'q_proj', 'kernel')
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` of a checkpoint directory, with errors that name the file."""
+    f = epath.Path(path) / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no config.json in the checkpoint directory")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from e
+
+
+def load_into(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    hf_key: Callable[[Path], str],
+    from_hf: Callable[[Path, np.ndarray], np.ndarray],
+    hf_shape: Callable[[Path, tuple], tuple],
+    dtype: Any,
+    mesh: Mesh | None = None,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    normalize_key: Callable[[str], str] = lambda k: k,
+    ignored_suffixes: tuple[str, ...] = (),
+    optional_keys: Collection[str] = (),
+    what: str = "the model config",
+) -> nnx.Module:
+    """Fill the abstract `model` (from `nnx.eval_shape`) with the checkpoint at `path`.
+
+    Tensors are read one at a time (no file mapping kept), converted to `dtype`, and placed on
+    their sharding when `mesh` is given, so peak host memory stays near one model copy.
+    Checkpoint keys pass through `normalize_key` before matching `hf_key(path)`; keys ending in
+    `ignored_suffixes` or listed in `optional_keys` (e.g. a tied LM head) may be present unused.
+    A mismatch raises one ValueError listing the missing, unexpected and mis-shaped tensors.
+    """
+    path = epath.Path(path)
+    reader = CheckpointReader(path)
+    by_ours: dict[str, str] = {}
+    for key in reader.keys():
+        norm = normalize_key(key)
+        if norm in by_ours:
+            raise ValueError(f"{path}: tensor {norm} appears twice (as {by_ours[norm]} and {key})")
+        by_ours[norm] = key
+
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    missing, mis_shaped, loaded = [], [], []
+    for p, var in flat:
+        key = hf_key(p)
+        expect = tuple(hf_shape(p, var.get_value().shape))
+        if key not in by_ours:
+            missing.append(key)
+            continue
+        ckpt_key = by_ours.pop(key)
+        got = tuple(reader.shape(ckpt_key))
+        if got != expect:
+            mis_shaped.append(f"{ckpt_key}: checkpoint {got}, model expects {expect}")
+            continue
+        loaded.append((p, var, ckpt_key))
+    optional = set(optional_keys)
+    unexpected = [
+        k for n, k in by_ours.items()
+        if not (ignored_suffixes and n.endswith(ignored_suffixes)) and n not in optional
+    ]
+    if missing or unexpected or mis_shaped:
+        lines = [f"{path}: checkpoint does not match {what}"]
+        for name, items in (("missing", missing), ("unexpected", unexpected),
+                            ("mis-shaped", mis_shaped)):
+            if items:
+                lines.append(f"  {len(items)} {name}: " + ", ".join(sorted(items)[:20])
+                             + (" ..." if len(items) > 20 else ""))
+        raise ValueError("\n".join(lines))
+
+    np_dtype = NP_DTYPES[jnp.dtype(dtype)]
+    new_vars = []
+    for p, var, ckpt_key in loaded:
+        arr = from_hf(p, reader.read(ckpt_key))
+        if arr.dtype != np_dtype:
+            arr = arr.astype(np_dtype)
+        arr = np.ascontiguousarray(arr)
+        axes = var.get_metadata().get("axes")
+        if mesh is not None:
+            sharding = shd.named_sharding(mesh, axes, arr.shape, rules)
+            value = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
+        else:
+            value = jax.device_put(arr)
+        del arr
+        new_vars.append((p, var.replace(value=value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(new_vars))
+
+
+def host_params(model: nnx.Module) -> Iterator[tuple[Path, np.ndarray]]:
+    """(NNX path, full numpy value) of every parameter, one at a time.
+
+    A parameter sharded over several hosts is gathered (a collective: every process must
+    iterate), so no host ever holds more than one full tensor of the model besides its shards.
+    """
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        yield p, np.asarray(jax.device_get(value))
+
+
+def param_dtype_name(model: nnx.Module) -> str:
+    """The `torch_dtype` to record in `config.json`: the first parameter's dtype."""
+    first = next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].get_value()
+    return TORCH_DTYPE_NAMES.get(jnp.dtype(first.dtype).name, "float32")
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    hf_config: dict[str, Any],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    *,
+    max_shard_bytes: int = 4 * 2**30,
+) -> list[str]:
+    """Write `config.json` and sharded safetensors (with an index when there are several).
+
+    Call it on every process: only process 0 writes; the others drain `tensors` so that they
+    take part in its per-tensor gathers (`host_params`).
+    """
+    path = epath.Path(path)
+    if jax.process_index() != 0:
+        for _ in tensors:
+            pass
+        return []
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    files = write_sharded(path, tensors, max_shard_bytes=max_shard_bytes)
+    log.info("saved %d safetensors file(s) to %s", len(files), path)
+    return files

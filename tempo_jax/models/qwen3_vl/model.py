@@ -1,0 +1,531 @@
+"""Qwen3-VL (dense) in Flax NNX: the vision tower (learned, bilinearly resampled position
+table, 2D rotary, per-frame attention, DeepStack mergers) and the Qwen3 decoder (q/k RMSNorm,
+interleaved M-RoPE, DeepStack: vision features of intermediate tower layers added to the
+visual positions after the first decoder layers).
+
+Module and attribute names mirror the Hugging Face module tree, so the checkpoint mapping
+(`params.py`) is mechanical; as in Qwen2.5-VL the decoder is `model` and the tower `visual`
+(transformers nests both under `model.`: `model.language_model.*`, `model.visual.*`).
+
+Device code is pure: `Qwen3VL.forward(inputs)` takes a dict of arrays prepared on the host
+(`prepare_inputs`). The interface the trainer and the sampler share with Qwen2.5-VL:
+`embed_for_decoder(inputs) -> (x, side)`, `model.model(x, position_ids, mask, opts,
+return_kv=False, side=side)`, `model.model.decode(...)`, `extend_side(side, n_new)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tempo_jax.models.attention import attention, check_backend
+from tempo_jax.models.layers import (
+    LOGITS,
+    RESIDUAL,
+    Embed,
+    GatedMLP,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    RuntimeOptions,
+    ShapeOnlyRngs,
+    act_fn,
+    apply_rope,
+    check_remat,
+    dot_2d,
+    host_array,
+    inv_freq,
+    remat_layer,
+    segment_attention,
+    vision_rotary,
+)
+from tempo_jax.models.qwen3_vl.config import ModelConfig, TextConfig, VisionConfig
+from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata
+from tempo_jax.sharding import constrain
+
+Side = dict[str, jax.Array] | None  # the decoder's input besides the embeddings (DeepStack)
+
+
+# --------------------------------------------------------------------------- vision tower
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        kw = dict(bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.linear_fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"),
+                                 **kw)
+        self.linear_fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"),
+                                 **kw)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x, dtype):
+        return self.linear_fc2(act_fn(self.act)(self.linear_fc1(x, dtype)), dtype)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        kw = dict(bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = Linear(d, 3 * d, axes=("embed", "heads"), **kw)
+        self.proj = Linear(d, d, axes=("heads", "embed"), **kw)
+
+    def __call__(self, x, cos, sin, index, valid, slot, opts: RuntimeOptions):
+        n = x.shape[0]
+        qkv = self.qkv(x, opts.dtype).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        return self.proj(segment_attention(q, k, v, index, valid, slot, opts), opts.dtype)
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        self.norm1 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.norm2 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, index, valid, slot, opts):
+        x = x + self.attn(self.norm1(x), cos, sin, index, valid, slot, opts)
+        return x + self.mlp(self.norm2(x), opts.dtype)
+
+
+class PatchEmbed(nnx.Module):
+    """The reference Conv3d (kernel == stride, with bias) is a matmul on flattened patches."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=True, axes=("patch", "embed"),
+                           param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, dtype):
+        return self.proj(x, dtype)
+
+
+class PatchMerger(nnx.Module):
+    """2x2 merge -> MLP to the decoder width. The final merger normalises each patch before
+    the shuffle; the DeepStack mergers (`postshuffle`) normalise the merged vector."""
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle: bool, param_dtype, rngs):
+        ctx = cfg.hidden_size * cfg.merge_unit
+        self.hidden, self.postshuffle = ctx, postshuffle
+        self.norm = LayerNorm(ctx if postshuffle else cfg.hidden_size, eps=1e-6,
+                              param_dtype=param_dtype)
+        kw = dict(bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.linear_fc1 = Linear(ctx, ctx, axes=("embed", "mlp"), **kw)
+        self.linear_fc2 = Linear(ctx, cfg.out_hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x, dtype):
+        if self.postshuffle:
+            x = self.norm(x.reshape(-1, self.hidden))
+        else:
+            x = self.norm(x).reshape(-1, self.hidden)
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x, dtype), approximate=False), dtype)
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.pos_embed = Embed(cfg.num_position_embeddings, cfg.hidden_size,
+                               param_dtype=param_dtype, rngs=rngs, axes=(None, "embed"))
+        self.blocks = nnx.List(
+            [VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)]
+        )
+        self.merger = PatchMerger(cfg, postshuffle=False, param_dtype=param_dtype, rngs=rngs)
+        self.deepstack_merger_list = nnx.List(
+            [PatchMerger(cfg, postshuffle=True, param_dtype=param_dtype, rngs=rngs)
+             for _ in cfg.deepstack_visual_indexes]
+        )
+
+    def __call__(self, pixels, meta: dict, opts: RuntimeOptions):
+        """pixels [N, patch_dim] -> (merged features [N / 4, out_hidden], DeepStack features
+        [len(deepstack_visual_indexes), N / 4, out_hidden]), both in input order."""
+        x = self.patch_embed(pixels, opts.dtype)
+        table = self.pos_embed.embedding[...].astype(jnp.float32)
+        pos = jnp.sum(table[meta["pos_index"]] * meta["pos_weight"][..., None], axis=1)
+        x = x + pos.astype(x.dtype)
+        cos, sin = vision_rotary(meta["rot_pos"], self.cfg.rope_theta, self.cfg.head_dim)
+        deep_at = {layer: j for j, layer in enumerate(self.cfg.deepstack_visual_indexes)}
+        deep = [None] * len(deep_at)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, meta["full_index"], meta["full_valid"], meta["full_slot"], opts)
+            if i in deep_at:
+                deep[deep_at[i]] = self.deepstack_merger_list[deep_at[i]](x, opts.dtype)
+        merged = self.merger(x, opts.dtype)
+        deep = jnp.stack(deep) if deep else jnp.zeros((0, *merged.shape), merged.dtype)
+        return merged, deep
+
+
+# --------------------------------------------------------------------------- text decoder
+def mrope_axes(cfg: TextConfig) -> np.ndarray:
+    """Which position axis (0 temporal, 1 height, 2 width) each rotary frequency reads, the
+    interleaved layout of transformers' `recomposition_frequencies`: frequency j reads height
+    for j = 1, 4, 7, ... < 3 * section[1], width for j = 2, 5, 8, ... < 3 * section[2], and
+    temporal otherwise. (Qwen3-VL always interleaves; transformers ignores the config's
+    `mrope_interleaved` flag, and so do we.)"""
+    axes = np.zeros(cfg.head_dim // 2, np.int32)
+    axes[1:3 * cfg.mrope_section[1]:3] = 1
+    axes[2:3 * cfg.mrope_section[2]:3] = 2
+    return axes
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+        kw = dict(bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, self.num_heads * hd, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def project(self, x, cos, sin, opts: RuntimeOptions):
+        """q [B, L, H, D] and k, v [B, L, Hkv, D]: per-head RMSNorm on q and k, then M-RoPE."""
+        b, seq = x.shape[:2]
+        q = self.q_norm(self.q_proj(x, opts.dtype).reshape(b, seq, self.num_heads, self.head_dim))
+        k = self.k_norm(
+            self.k_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x, opts.dtype).reshape(b, seq, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        k = apply_rope(k, cos[:, :, None], sin[:, :, None])
+        return q, k, v
+
+    def __call__(self, x, cos, sin, valid, opts: RuntimeOptions):
+        """Causal self-attention (`valid` [B, L]: key padding); also returns (k, v)."""
+        b, seq = x.shape[:2]
+        q, k, v = self.project(x, cos, sin, opts)
+        out = attention(
+            q, k, v, scale=self.head_dim**-0.5, backend=opts.attention_backend, kv_valid=valid,
+            causal=True, splash_interpret=opts.splash_interpret,
+        )
+        return self.o_proj(out.reshape(b, seq, -1), opts.dtype), (k, v)
+
+    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts: RuntimeOptions):
+        """Attend new tokens written at cache slot `index` (x [B, T, D]) over the cache;
+        `kv_mask` [B, T, S] says which cache slots each new token may read."""
+        b, seq = x.shape[:2]
+        q, k, v = self.project(x, cos, sin, opts)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                        scale=self.head_dim**-0.5, backend="xla", mask=kv_mask)
+        return self.o_proj(out.reshape(b, seq, -1), opts.dtype), cache_k, cache_v
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                       param_dtype=param_dtype)
+        self.self_attn = TextAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
+                            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, valid, opts):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, valid, opts)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), kv
+
+    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts):
+        attn, cache_k, cache_v = self.self_attn.decode(
+            self.input_layernorm(x), cos, sin, cache_k, cache_v, index, kv_mask, opts)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), cache_k, cache_v
+
+
+def deepstack_add(x, visual_index, feature):
+    """Add DeepStack feature rows [N, D] at the visual positions (`visual_index` [B, L]: the
+    row of each position, -1 where the token is not visual), as `_deepstack_process`."""
+    picked = feature.astype(x.dtype)[jnp.maximum(visual_index, 0)]
+    return x + jnp.where((visual_index >= 0)[..., None], picked, jnp.zeros((), x.dtype))
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def mrope(self, position_ids):
+        """cos/sin [B, L, head_dim] from [3, B, L] positions (interleaved M-RoPE)."""
+        inv = jnp.asarray(inv_freq(self.cfg.rope_theta, self.cfg.head_dim))
+        pos = jnp.moveaxis(position_ids[mrope_axes(self.cfg)], 0, -1)  # [B, L, hd/2]
+        f = pos.astype(jnp.float32) * inv
+        emb = jnp.concatenate([f, f], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+
+    def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions,
+                 return_kv: bool = False, side: Side = None):
+        """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
+        (the prefill of a KV cache). `attention_mask` None: no key is padding (or padding only
+        trails each row). `side` (from `Qwen3VL.embed_for_decoder`) adds DeepStack feature k
+        at the visual positions after layer k; None: text only."""
+        cos, sin = self.mrope(position_ids)
+        valid = None if attention_mask is None else attention_mask.astype(bool)
+        layer_fn = remat_layer(lambda layer, h: layer(h, cos, sin, valid, opts), opts.remat)
+        n_deep = 0 if side is None else side["deepstack"].shape[0]
+        kvs = []
+        x = constrain(x, RESIDUAL)
+        for i, layer in enumerate(self.layers):
+            x, kv = layer_fn(layer, x)
+            if i < n_deep:
+                x = deepstack_add(x, side["visual_index"], side["deepstack"][i])
+            x = constrain(x, RESIDUAL)
+            kvs.append(kv)
+        x = self.norm(x)
+        return (x, kvs) if return_kv else x
+
+    def decode(self, x, position_ids, caches, index, kv_mask, opts: RuntimeOptions):
+        """New (text) tokens x [B, T, D] at `position_ids` [3, B, T] over per-layer caches."""
+        cos, sin = self.mrope(position_ids)
+        new = []
+        for layer, (ck, cv) in zip(self.layers, caches, strict=True):
+            x, ck, cv = layer.decode(x, cos, sin, ck, cv, index, kv_mask, opts)
+            x = constrain(x, RESIDUAL)
+            new.append((ck, cv))
+        return self.norm(x), new
+
+
+# --------------------------------------------------------------------------- full model
+class Qwen3VL(nnx.Module):
+    """Qwen3VLForConditionalGeneration (dense)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        param_dtype=jnp.float32,
+        options: RuntimeOptions | None = None,
+        rngs: nnx.Rngs | ShapeOnlyRngs | None = None,
+    ):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.options = options or RuntimeOptions(dtype=param_dtype)
+        check_backend(self.options.attention_backend)
+        check_remat(self.options.remat)
+        self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
+        self.model = TextModel(config.text, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False,
+                                  axes=("embed", "vocab"), param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.lm_head = None
+
+    # ---- pure device functions (jit / grad these)
+    def embed_for_decoder(self, inputs: dict) -> tuple[jax.Array, Side]:
+        """Token embeddings [B, L, D] with the merged vision features scattered at the
+        image/video pad tokens, and the decoder's side input: None for text only, else
+        `{"visual_index": int32 [B, L] (feature row, -1 off vision tokens), "deepstack":
+        [n_deep, N, D]}` (image features first, then video, in token order)."""
+        cfg, opts = self.config, self.options
+        ids = inputs["input_ids"]
+        x = self.model.embed_tokens(ids).astype(opts.dtype)
+        if "pixel_values" not in inputs:
+            return x, None
+        feats, deep = self.visual(inputs["pixel_values"], inputs["vision_meta"], opts)
+        flat = ids.reshape(-1)
+        is_img = flat == cfg.image_token_id
+        is_vid = flat == cfg.video_token_id
+        idx = jnp.where(
+            is_img, jnp.cumsum(is_img) - 1,
+            jnp.where(is_vid, inputs["num_image_features"] + jnp.cumsum(is_vid) - 1, -1),
+        ).astype(jnp.int32)
+        picked = feats.astype(opts.dtype)[jnp.clip(idx, 0, feats.shape[0] - 1)]
+        x = jnp.where((idx >= 0)[:, None], picked, x.reshape(flat.shape[0], -1))
+        side = {"visual_index": idx.reshape(ids.shape), "deepstack": deep.astype(opts.dtype)}
+        return x.reshape(*ids.shape, -1), side
+
+    def embed(self, inputs: dict):
+        """Token embeddings with the vision features scattered (no DeepStack: decoding these
+        alone drops it; use `embed_for_decoder` to feed the decoder)."""
+        return self.embed_for_decoder(inputs)[0]
+
+    def extend_side(self, side: Side, n_new: int) -> Side:
+        return extend_side(side, n_new)
+
+    def hidden_states(self, inputs: dict):
+        """Final-norm hidden states [B, L, D]."""
+        x, side = self.embed_for_decoder(inputs)
+        return self.model(x, inputs["position_ids"], inputs["attention_mask"], self.options,
+                          side=side)
+
+    def logits_from_hidden(self, h):
+        """LM head in fp32 output (loss and sampling read these)."""
+        dt = self.options.dtype
+        if self.lm_head is None:
+            w = self.model.embed_tokens.embedding[...].astype(dt).T
+        else:
+            w = self.lm_head.kernel[...].astype(dt)
+        out = dot_2d(h.astype(dt), w, preferred_element_type=jnp.float32)
+        return constrain(out, LOGITS) if out.ndim == 3 else out
+
+    def forward(self, inputs: dict, logits_positions=None):
+        """Logits [B, L, V] (fp32), or [B, K, V] at `logits_positions` [B, K] only."""
+        h = self.hidden_states(inputs)
+        if logits_positions is not None:
+            h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
+        return self.logits_from_hidden(h)
+
+    # ---- transformers-style entry point
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        position_ids=None,
+    ) -> jax.Array:
+        """Logits [B, L, vocab] like `Qwen3VLForConditionalGeneration(...).logits`.
+
+        `second_per_grid_ts` is accepted (Qwen2.5-VL's signature) and ignored: Qwen3-VL puts
+        time in timestamp text, not in positions. Host-side preparation needs concrete
+        arrays: inside your own `jax.jit`, call `prepare_inputs` outside, `forward` inside.
+        """
+        inputs = prepare_inputs(
+            self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+            pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
+        )
+        return _jit_forward(self, inputs)
+
+
+def extend_side(side: Side, n_new: int) -> Side:
+    """The side input after `n_new` appended positions (completions: never visual)."""
+    if side is None:
+        return None
+    vi = jnp.pad(side["visual_index"], ((0, 0), (0, n_new)), constant_values=-1)
+    return {**side, "visual_index": vi}
+
+
+@nnx.jit
+def _jit_forward(model: Qwen3VL, inputs: dict):
+    return model.forward(inputs)
+
+
+def _np(x):
+    return host_array(x, "Qwen3VL.__call__")
+
+
+def _text_positions(mask: np.ndarray) -> np.ndarray:
+    """[3, B, L] positions of text-only rows: 0, 1, 2, ... on each row's valid tokens, 1 on
+    padding (what `get_rope_index` gives rows without vision)."""
+    pos = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1)
+    return np.broadcast_to(pos[None], (3, *mask.shape)).astype(np.int32)
+
+
+def _vision_positions(config: ModelConfig, ids, mask, img_grid, vid_grid) -> np.ndarray:
+    try:
+        from tempo_jax.models.qwen3_vl import positions as pos_lib
+    except ImportError as e:
+        raise ImportError(
+            "Qwen3-VL M-RoPE positions for vision inputs need tempo_jax.models.qwen3_vl."
+            "positions (not available); pass position_ids [3, B, L] explicitly (e.g. from "
+            "transformers' Qwen3VLModel.get_rope_index)"
+        ) from e
+    pos, _ = pos_lib.rope_index(
+        ids, mask, img_grid, vid_grid,
+        spatial_merge_size=config.vision.spatial_merge_size,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+    )
+    return np.asarray(pos)
+
+
+def prepare_inputs(
+    config: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    position_ids=None,
+    *,
+    num_patches: int | None = None,
+    bucketed: bool = False,
+) -> dict[str, Any]:
+    """Host side of a forward pass: M-RoPE positions (when not given), vision metadata, the
+    image and video patches concatenated into one vision batch (attention in the tower never
+    crosses a temporal patch, so one call equals two).
+
+    `second_per_grid_ts` is ignored (kept so both families share one signature). Without
+    `position_ids`, text-only rows get 0, 1, 2, ... and vision inputs use
+    `tempo_jax.models.qwen3_vl.positions.rope_index`. `num_patches` / `bucketed` pad the vision
+    batch to a static shape (see `vision_meta.bucket`).
+    """
+    del second_per_grid_ts
+    ids = _np(input_ids).astype(np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = np.ones_like(ids) if attention_mask is None else _np(attention_mask).astype(np.int32)
+    mask = mask.reshape(ids.shape)
+    img_grid, vid_grid = _np(image_grid_thw), _np(video_grid_thw)
+    if position_ids is not None:
+        pos = _np(position_ids)
+        if pos.ndim == 2:
+            pos = np.broadcast_to(pos[None], (3, *pos.shape))
+    elif img_grid is None and vid_grid is None:
+        pos = _text_positions(mask)
+    else:
+        pos = _vision_positions(config, ids, mask, img_grid, vid_grid)
+    if pos.shape != (3, *ids.shape):
+        raise ValueError(f"position_ids must be [3, B, L] = {(3, *ids.shape)}, got {pos.shape}")
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": pos.astype(np.int32),
+    }
+    pixels, grids = [], []
+    n_img_feats = 0
+    unit = config.vision.merge_unit
+    for pv, grid, kind, tok in (
+        (pixel_values, img_grid, "image", config.image_token_id),
+        (pixel_values_videos, vid_grid, "video", config.video_token_id),
+    ):
+        if pv is None:
+            continue
+        if grid is None:
+            raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
+        pv = _np(pv).astype(np.float32)
+        grid = grid.reshape(-1, 3)
+        n = int(np.prod(grid, axis=-1).sum())
+        if pv.shape != (n, config.vision.patch_dim):
+            raise ValueError(
+                f"{kind} pixels have shape {pv.shape}, grids {grid.tolist()} need "
+                f"{(n, config.vision.patch_dim)}"
+            )
+        n_tokens = int((ids == tok).sum())
+        if n_tokens != n // unit:
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: {n // unit} features, "
+                f"{n_tokens} tokens"
+            )
+        if kind == "image":
+            n_img_feats = n // unit
+        pixels.append(pv)
+        grids.append(grid)
+    if pixels:
+        pv = np.concatenate(pixels)
+        meta = vision_metadata(np.concatenate(grids), config.vision, num_patches=num_patches,
+                               bucketed=bucketed)
+        pad = meta["rot_pos"].shape[0] - pv.shape[0]
+        inputs["pixel_values"] = np.pad(pv, ((0, pad), (0, 0))) if pad else pv
+        inputs["vision_meta"] = meta
+        inputs["num_image_features"] = np.int32(n_img_feats)
+    return inputs
