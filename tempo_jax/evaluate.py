@@ -154,7 +154,7 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None,
         import jax.numpy as jnp
 
         from tempo_jax.hf import load_settings
-        from tempo_jax.models.qwen2_5_vl import load_pretrained
+        from tempo_jax.models.families import load_pretrained
 
         return Loaded(load_pretrained(p, dtype=jnp.dtype(dtype)), load_settings(p), "hf")
     raise FileNotFoundError(f"{p}: neither a training workdir (config.json + ckpt/) nor a "

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tempo_jax.models.qwen2_5_vl import positions as pos_lib
-from tempo_jax.models.qwen2_5_vl.model import Qwen25VL, prepare_inputs
+from tempo_jax.models import families
 from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 
 
@@ -99,14 +98,14 @@ def sampling_program(graphdef, state, inputs, start_pos, rng, *, max_new_tokens,
                      num_samples, temperature, top_k, top_p, eos_ids, pad_id):
     """The jitted sampling program (prefill, then the decode loop) that `generate_global` and
     `generate_from_inputs` run; public so that the planner can compile it ahead of time."""
-    model: Qwen25VL = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
     opts = model.options
     mask = inputs["attention_mask"]
     b, length = mask.shape
     rows = b * num_samples
 
-    x = model.embed(inputs)
-    h, kvs = model.model(x, inputs["position_ids"], mask, opts, return_kv=True)
+    x, side = model.embed_for_decoder(inputs)  # side: Qwen3-VL's DeepStack features
+    h, kvs = model.model(x, inputs["position_ids"], mask, opts, return_kv=True, side=side)
     first_logits = model.logits_from_hidden(h[:, -1])
 
     def grow(a):  # [B, L, Hkv, D] -> [B * S, L + max_new, Hkv, D]
@@ -161,7 +160,7 @@ def compilation_count() -> int:
 
 
 def generate(
-    model: Qwen25VL,
+    model: nnx.Module,
     input_ids,
     attention_mask=None,
     pixel_values=None,
@@ -191,7 +190,7 @@ def generate(
     each row's max + 1. `max_length` bounds prompt + new tokens (the cache), checked before
     anything compiles.
     """
-    inputs = prepare_inputs(
+    inputs = families.prepare_inputs(
         model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
         pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
         bucketed=bucket_shapes,
@@ -204,7 +203,7 @@ def generate(
 
 
 def generate_from_inputs(
-    model: Qwen25VL,
+    model: nnx.Module,
     inputs: dict,
     *,
     max_new_tokens: int,
@@ -233,7 +232,7 @@ def generate_from_inputs(
             f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
             f"of {limit} tokens (max_length)"
         )
-    start = pos_lib.decode_start(pos, mask)
+    start = families.decode_start(families.family_of(model), pos, mask)
     if bucket_shapes:
         lb, bb = bucket(length, 16), 1 << max(0, (b - 1).bit_length())
         pad_l, pad_b = lb - length, bb - b
@@ -254,7 +253,7 @@ def generate_from_inputs(
 
 
 def generate_global(
-    model: Qwen25VL,
+    model: nnx.Module,
     inputs: dict,
     start,
     *,

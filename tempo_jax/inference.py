@@ -23,7 +23,7 @@ from tempo_jax.data.pipeline import jsonable, model_inputs
 from tempo_jax.data.prompts import ENDOFTEXT_ID, EOS_IDS, encode_text, format_answer
 from tempo_jax.generate import GenerateOutput, generate_from_inputs, generate_global
 from tempo_jax.grounding.answers import parse_answer
-from tempo_jax.models.qwen2_5_vl.positions import decode_start
+from tempo_jax.models.qwen2_5_vl.positions import decode_start  # the rule of both families
 
 __all__ = ["answer_rows", "refusal_probabilities", "sample_rows"]
 

@@ -1,8 +1,10 @@
-"""Tempo-R0: SFT then PIR-GRPO on a Qwen2.5-VL backbone.
+"""Tempo-R0: SFT then PIR-GRPO on a Qwen2.5-VL backbone (the default) or a Qwen3-VL one.
 
     python -m tempo_jax.train --config configs/tempo_r0.py:tiny   # CPU demo, synthetic videos
     python -m tempo_jax.train --config configs/tempo_r0.py:7b --config.rl.beta=0 \\
         --config.model.init_checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.train=...
+    python -m tempo_jax.train --config configs/tempo_r0.py:qwen3_vl_8b \\
+        --config.model.init_checkpoint=/ckpt/Qwen3-VL-8B-Instruct --config.data.train=...
 
 One schema for every size; each field is documented where it is set.
 """
@@ -13,11 +15,14 @@ import ml_collections
 
 from tempo_jax.data.prompts import DEFAULT_QUESTION, DEFAULT_SYSTEM
 
+SIZES = ("tiny", "3b", "7b", "qwen3_vl_tiny", "qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b")
+
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in ("tiny", "3b", "7b"):
-        raise ValueError(f"config argument must be tiny, 3b or 7b, got {arg!r}")
-    tiny = arg == "tiny"
+    if arg not in SIZES:
+        raise ValueError(f"config argument must be one of {', '.join(SIZES)}, got {arg!r}")
+    qwen3 = arg.startswith("qwen3_vl_")
+    tiny = arg in ("tiny", "qwen3_vl_tiny")
     c = ml_collections.ConfigDict()
     c.size = arg
     c.stages = "sft,grpo"  # comma-separated, run in order; resume continues the current stage
@@ -25,8 +30,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------------ model
     c.model = ml_collections.ConfigDict()
-    c.model.preset = arg  # tempo_jax.models.qwen2_5_vl.config presets (tiny/3b/7b)
-    c.model.init_checkpoint = ""  # HF Qwen2.5-VL dir to start from; "" = random init (tiny)
+    # tempo_jax.models.families presets: tiny/3b/7b (Qwen2.5-VL), qwen3_vl_{tiny,2b,4b,8b,32b}
+    c.model.preset = arg
+    # HF checkpoint dir to start from (its config.json's model_type picks the family);
+    # "" = random init of the preset (tiny)
+    c.model.init_checkpoint = ""
     c.model.dtype = "float32" if tiny else "bfloat16"  # parameter and compute dtype
     # xla | cudnn (GPU) | splash (TPU) | auto (splash on TPU, cudnn on GPU, xla on CPU)
     c.model.attention_backend = "xla" if tiny else "auto"
@@ -38,8 +46,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.tiny_overrides.num_attention_heads = 4
     c.model.tiny_overrides.intermediate_size = 256
     c.model.tiny_vision_overrides = ml_collections.ConfigDict()  # tiny only: the vision tower
-    c.model.tiny_vision_overrides.hidden_size = 32
-    c.model.tiny_vision_overrides.intermediate_size = 64
+    if not qwen3:  # (Qwen3-VL's tiny tower is already 64 wide with its learned positions)
+        c.model.tiny_vision_overrides.hidden_size = 32
+        c.model.tiny_vision_overrides.intermediate_size = 64
 
     # ------------------------------------------------------------------ data
     c.data = ml_collections.ConfigDict()
@@ -95,7 +104,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # ETA prompt (tempo_jax.data.prompts.PromptConfig)
     c.prompt = ml_collections.ConfigDict()
     c.prompt.textual_timestamps = True  # "3.5s" before each temporal patch
-    c.prompt.time_aligned_positions = True  # M-RoPE temporal index from real time
+    # M-RoPE temporal index from real time (ETA); Qwen3-VL's positions carry no time (its
+    # time is the timestamp text), so the switch does not apply there
+    c.prompt.time_aligned_positions = not qwen3
     c.prompt.thinking = False  # <think>...</think> before <answer>
     # with thinking: the think names what the video shows (a record's `caption`; synthetic
     # videos have one) instead of the verdict (ours; README, "The demo")

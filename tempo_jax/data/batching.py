@@ -11,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data.pipeline import model_inputs
-from tempo_jax.models.qwen2_5_vl.vision_meta import bucket, vision_metadata
+from tempo_jax.models import families
+from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 from tempo_jax.sharding import (
     BATCH_AXES,
     DEFAULT_RULES,
@@ -123,7 +124,8 @@ def _multihost_batch(batch, mesh, rules, cfg, pad_side):
     src = [s for _, p, j in order for _, s in row_grids[(p, j)]]
     n_total = int(sizes[:, 2].sum())
     capacity = bucket(max(n_total, 1), 64)
-    meta = vision_metadata(np.asarray(g_list), cfg.vision, num_patches=capacity, bucketed=True)
+    meta = families.vision_metadata(np.asarray(g_list), cfg.vision, num_patches=capacity,
+                                    bucketed=True)
     # padding patches sit in segments of their own and never reach the text: any source will do
     src = np.concatenate([*src, np.zeros(capacity - n_total, np.int64)])
     meta["patch_perm"] = src[meta["patch_perm"]].astype(np.int32)

@@ -77,7 +77,7 @@ def _abstract_params(mcfg: ModelConfig, dtype_name: str) -> tuple:
     """(path, shape, logical axes, itemsize) of every parameter, from `nnx.eval_shape`."""
     from flax import nnx
 
-    from tempo_jax.models.qwen2_5_vl.params import abstract_model
+    from tempo_jax.models.families import abstract_model
 
     model = abstract_model(mcfg, jnp.dtype(dtype_name))
     out = []
@@ -256,10 +256,12 @@ def attention_scores(loc: Local, b: int, length: int, backend: str, backward: bo
 
 def vision_forward(loc: Local, videos: int, w: Workload, trainable: bool) -> dict[str, int]:
     """The vision tower over `videos` videos of `visual_tokens` merged tokens each
-    (x merge_unit patches). Frozen (the 3B/7B recipe): forward only, nothing saved, so its
-    cost is the input pixels (fp32) plus one block's working set: 7 x hidden (norms, qkv,
-    attention out, proj) + 3 x mlp per patch, and one 128-query block of fp32 scores over
-    the full-attention segment (a temporal patch: up to max_pixels / patch^2 patches).
+    (x merge_unit patches), either family (Qwen3-VL's tower attends within a frame in every
+    block, as Qwen2.5-VL's full-attention blocks do). Frozen (the 3B/7B recipe): forward
+    only, nothing saved, so its cost is the input pixels (fp32) plus one block's working
+    set: 7 x hidden (norms, qkv, attention out, proj) + 3 x mlp per patch, and one 128-query
+    block of fp32 scores over the full-attention segment (a temporal patch: up to
+    max_pixels / patch^2 patches).
     Trainable (no remat in the tower): every block's intermediates and scores are kept."""
     v = loc.cfg.vision
     n = videos * w.visual_tokens * v.merge_unit
@@ -269,7 +271,10 @@ def vision_forward(loc: Local, videos: int, w: Workload, trainable: bool) -> dic
     f = loc.dim("mlp", v.intermediate_size)
     block = n * c * (4 * dv + 3 * dv * heads // v.num_heads + 3 * f)
     pixels = n * v.patch_dim * 4
-    residual = 2 * n * dv * c
+    # Qwen3-VL: the DeepStack features of the listed layers, kept for the decoder
+    deep = (len(getattr(v, "deepstack_visual_indexes", ())) * videos * w.visual_tokens
+            * v.out_hidden_size * c)
+    residual = 2 * n * dv * c + deep
     if not trainable:
         scores = n * heads * min(_ATTN_BLOCK, w.frame_patches) * 6
         return {"pixels": pixels, "tower": residual + block + scores}

@@ -104,7 +104,7 @@ def abstract_inputs(config: ml_collections.ConfigDict, mcfg: ModelConfig, rows: 
     places a batch in one process: token arrays split over the batch axes, the vision arrays
     replicated. (On several processes it splits the pixels over the devices instead: the
     count here is the larger, one-process one.)"""
-    from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+    from tempo_jax.models.families import vision_metadata
 
     v = mcfg.vision
     grid = video_grid(int(config.saa.max_visual_tokens), v.spatial_merge_size)
@@ -158,8 +158,8 @@ def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
     from flax import nnx
 
     from tempo_jax.generate import sampling_program  # the rollout's jitted sampling program
-    from tempo_jax.models.qwen2_5_vl.model import RuntimeOptions
-    from tempo_jax.models.qwen2_5_vl.params import abstract_model
+    from tempo_jax.models.families import abstract_model
+    from tempo_jax.models.layers import RuntimeOptions
     from tempo_jax.rl import grpo as grpo_lib
 
     rules = config_rules(config) if rules is None else rules

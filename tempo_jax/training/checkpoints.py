@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.training import setup
 
 log = logging.getLogger("tempo_jax.train")
@@ -209,7 +208,7 @@ def uncommitted_steps(workdir: str | Path) -> dict[int, str]:
 
 
 def load_workdir(workdir: str | Path, step: int | None = None
-                 ) -> tuple[ml_collections.ConfigDict, Qwen25VL]:
+                 ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
     """(config, model) of a training workdir at checkpoint `step` (default: the latest).
 
     Steps are the checkpoint manager's global steps (SFT steps, then SFT + GRPO steps when both

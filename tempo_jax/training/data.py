@@ -170,7 +170,7 @@ def answer_targets(loss_mask: np.ndarray, input_ids: np.ndarray):
 
 
 def decode_start(batch) -> np.ndarray:
-    from tempo_jax.models.qwen2_5_vl.positions import decode_start
+    from tempo_jax.models.qwen2_5_vl.positions import decode_start  # the rule of both families
 
     return decode_start(batch["position_ids"], batch["attention_mask"])
 

@@ -16,13 +16,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from tempo_jax import sharding as shd
 from tempo_jax.data.batching import global_batch
 from tempo_jax.data.pipeline import batch_patch_capacity, collate
 from tempo_jax.distributed import all_rows
 from tempo_jax.inference import sample_rows
-from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.rl import grpo as grpo_lib
 from tempo_jax.rl import rewards as rewards_lib
 from tempo_jax.training import data as data_lib
@@ -34,7 +34,7 @@ from tempo_jax.training.steps import Steps, make_steps
 log = logging.getLogger("tempo_jax.train")
 
 
-def rollout(model: Qwen25VL, batch: dict, mesh, rules, *, num_samples: int,
+def rollout(model: nnx.Module, batch: dict, mesh, rules, *, num_samples: int,
             max_new_tokens: int, temperature: float, top_p: float, rng):
     """PIR-GRPO's sampling step: `num_samples` completions of each prompt of this process's
     left-padded `batch` (`inference.sample_rows`): this process's rows (prompt-major, host

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import ml_collections
 from etils import epath
+from flax import nnx
 
 from tempo_jax import fileio
 from tempo_jax.data import processor as processor_lib
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
 from tempo_jax.distributed import is_main
-from tempo_jax.models.qwen2_5_vl import Qwen25VL
-from tempo_jax.models.qwen2_5_vl.params import save_pretrained
+from tempo_jax.models import families
 from tempo_jax.training.setup import SETTINGS_FILE, settings_dict
 
 log = logging.getLogger("tempo_jax.train")
@@ -32,26 +32,32 @@ TOKENIZER_FILES = (
 )
 
 
-def preprocessor_config(config: ml_collections.ConfigDict, model: Qwen25VL) -> dict:
-    """A Qwen2.5-VL `preprocessor_config.json` (the released layout) for an export without a
-    source checkpoint: the per-frame pixel range of the SAA settings and the model's patch
-    geometry. Stock processors do not apply SAA or ETA; `tempo_jax.hf.prepare_inputs` does."""
+# the released checkpoints' processor classes, per family
+PROCESSOR_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+
+
+def preprocessor_config(config: ml_collections.ConfigDict, model: nnx.Module) -> dict:
+    """A `preprocessor_config.json` of the model's family (the released layout) for an export
+    without a source checkpoint: the per-frame pixel range of the SAA settings and the model's
+    patch geometry and normalisation. Stock processors do not apply SAA or ETA;
+    `tempo_jax.hf.prepare_inputs` does."""
     saa = saa_lib.SAAConfig.from_dict(config.saa.to_dict())
     v = model.config.vision
+    spec = processor_lib.patch_spec(v)
     return {
         "min_pixels": saa.min_pixels,
         "max_pixels": saa.max_pixels,
         "patch_size": v.patch_size,
         "temporal_patch_size": v.temporal_patch_size,
         "merge_size": v.spatial_merge_size,
-        "image_mean": list(processor_lib.CLIP_MEAN),
-        "image_std": list(processor_lib.CLIP_STD),
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": PROCESSOR_CLASSES[families.family_of(model)],
     }
 
 
-def write_tokenizer_files(config: ml_collections.ConfigDict, model: Qwen25VL | None,
+def write_tokenizer_files(config: ml_collections.ConfigDict, model: nnx.Module | None,
                           out: Path) -> list[str]:
     """Tokenizer and processor files: copied from `model.init_checkpoint` when set (whichever
     of `TOKENIZER_FILES` it has), else the offline Qwen2.5 tokenizer the trainer used plus a
@@ -86,7 +92,7 @@ def check_out_dir(out: str | Path) -> Path:
     return out
 
 
-def save_hf(config: ml_collections.ConfigDict, model: Qwen25VL, out: str | Path) -> Path:
+def save_hf(config: ml_collections.ConfigDict, model: nnx.Module, out: str | Path) -> Path:
     """Write `model` (trained with `config`) as a Hugging Face directory at `out`, all or
     nothing (written aside, then moved into place: `out` is a whole export or the previous
     one). On several hosts every process calls it (tensors are gathered one at a time) and
@@ -94,7 +100,7 @@ def save_hf(config: ml_collections.ConfigDict, model: Qwen25VL, out: str | Path)
     out = check_out_dir(out)
     main = is_main()
     with fileio.replace_dir(out, write=main) as stage:
-        files = save_pretrained(model, stage)
+        files = families.save_pretrained(model, stage)
         if main:
             log.info("weights: %s", ", ".join(Path(f).name for f in files))
             (stage / SETTINGS_FILE).write_text(json.dumps(settings_dict(config), indent=2))

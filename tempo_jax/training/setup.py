@@ -16,9 +16,9 @@ from tempo_jax import sharding as shd
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
 from tempo_jax.data.pipeline import PipelineConfig, config_from_settings
+from tempo_jax.models import families
 from tempo_jax.models.attention import resolve_backend
-from tempo_jax.models.qwen2_5_vl import Qwen25VL, RuntimeOptions, load_pretrained, preset
-from tempo_jax.models.qwen2_5_vl.config import ModelConfig
+from tempo_jax.models.layers import RuntimeOptions
 
 SETTINGS_FILE = "tempo_settings.json"  # SAA / ETA / prompt settings, saved beside every export
 
@@ -41,30 +41,34 @@ def settings_dict(config: ml_collections.ConfigDict) -> dict:
 
 # ============================================================================ model
 def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_RULES
-                ) -> Qwen25VL:
-    """The model; a checkpoint is read straight onto `mesh` (each tensor placed on its
-    sharding as it is read, never the whole model on one device)."""
+                ) -> nnx.Module:
+    """The model of either family (the preset's, or the checkpoint's `model_type`); a
+    checkpoint is read straight onto `mesh` (each tensor placed on its sharding as it is
+    read, never the whole model on one device)."""
     dtype = jnp.dtype(config.model.dtype)
     opts = RuntimeOptions(dtype=dtype,
                           attention_backend=resolve_backend(config.model.attention_backend),
                           remat=config.model.remat)
     if config.model.init_checkpoint:
-        return load_pretrained(config.model.init_checkpoint, dtype=dtype, options=opts,
-                               mesh=mesh, rules=rules)
-    return Qwen25VL(model_config(config), param_dtype=dtype, options=opts,
-                    rngs=nnx.Rngs(config.seed))
+        return families.load_pretrained(config.model.init_checkpoint, dtype=dtype,
+                                        options=opts, mesh=mesh, rules=rules)
+    return families.build(model_config(config), param_dtype=dtype, options=opts,
+                          rngs=nnx.Rngs(config.seed))
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict):
     """The architecture `build_model` builds (the checkpoint's `config.json` when one is
     named), without building it: the planner sizes the same model."""
     if config.model.init_checkpoint:
-        return ModelConfig.from_pretrained(config.model.init_checkpoint)
-    cfg = preset(config.model.preset)
-    if config.model.preset == "tiny" and config.model.get("tiny_overrides"):
+        return families.config_from_pretrained(config.model.init_checkpoint)
+    cfg = families.preset(config.model.preset)
+    if families.preset_family(config.model.preset)[1] == "tiny" and config.model.get(
+            "tiny_overrides"):
         text = dataclasses.replace(cfg.text, **config.model.tiny_overrides)
-        hd = text.head_dim  # keep Qwen's 2:3:3 split of the rotary bands over (t, h, w)
-        text = dataclasses.replace(text, mrope_section=(hd // 8, 3 * hd // 16, 3 * hd // 16))
+        if cfg.family == "qwen2_5_vl":  # head_dim = hidden / heads changed: keep Qwen2.5's
+            hd = text.head_dim  # 2:3:3 split of the rotary bands over (t, h, w)
+            text = dataclasses.replace(text, mrope_section=(hd // 8, 3 * hd // 16,
+                                                            3 * hd // 16))
         vision = dataclasses.replace(cfg.vision, out_hidden_size=text.hidden_size,
                                      **config.model.get("tiny_vision_overrides", {}))
         cfg = cfg.replace(text=text, vision=vision)

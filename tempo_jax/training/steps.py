@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.rl import grpo as grpo_lib
 
 
@@ -37,7 +36,7 @@ def sft_loss(params, frozen, graphdef, inputs, pred_pos, targets, valid):
     return loss, {"loss": loss, "token_accuracy": acc}
 
 
-def completion_logits(model: Qwen25VL, prompt_inputs, completions, comp_mask, start,
+def completion_logits(model: nnx.Module, prompt_inputs, completions, comp_mask, start,
                       num_samples):
     """Logits at the completion positions only, for [B * G] rows that share B prompts: the
     prompts (and their videos) are embedded once, then broadcast to their G samples.
@@ -48,7 +47,9 @@ def completion_logits(model: Qwen25VL, prompt_inputs, completions, comp_mask, st
     valid token see it, so the decoder runs with no padding mask at all: the fused kernels'
     (cuDNN, splash) fastest case. Completion tokens after EOS also only trail."""
     opts = model.options
-    x = model.embed(prompt_inputs)  # [B, L, D], vision features scattered
+    # [B, L, D], vision features scattered; side: what else the decoder reads per position
+    # (Qwen3-VL's DeepStack features), None for Qwen2.5-VL
+    x, side = model.embed_for_decoder(prompt_inputs)
     pmask = prompt_inputs["attention_mask"]
     ppos = prompt_inputs["position_ids"]
     t = completions.shape[1]
@@ -61,7 +62,11 @@ def completion_logits(model: Qwen25VL, prompt_inputs, completions, comp_mask, st
     order = jnp.argsort(~valid, axis=1, stable=True)  # valid slots first, in their order
     x = jnp.take_along_axis(x, order[..., None], axis=1)
     pos = jnp.take_along_axis(pos, order[None], axis=2)
-    h = model.model(x, pos, None, opts)
+    if side is not None:  # its per-position index follows the rows' tokens (the feature
+        side = model.extend_side(side, t)  # table is indexed across the batch as it is)
+        side = {**side, "visual_index": jnp.take_along_axis(
+            rep(side["visual_index"]), order, axis=1)}
+    h = model.model(x, pos, None, opts, side=side)
     # completion token j now sits at slot n + j (n: the row's prompt length) and is
     # predicted from slot n + j - 1
     n = rep(pmask.astype(jnp.int32).sum(axis=1))

@@ -25,7 +25,6 @@ from tempo_jax import fileio
 from tempo_jax import sharding as shd
 from tempo_jax.data.pipeline import Loader, PipelineConfig, make_loader
 from tempo_jax.distributed import agree_with_main, is_main
-from tempo_jax.models.qwen2_5_vl import Qwen25VL
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import evaluation, report
 from tempo_jax.training.checkpoints import Checkpoints
@@ -86,7 +85,7 @@ class Trainer:
         self.close()
 
     # ---- what the stages share
-    def merged(self) -> Qwen25VL:
+    def merged(self) -> nnx.Module:
         """The current policy as a model."""
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
