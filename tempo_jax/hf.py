@@ -1,7 +1,8 @@
 """Running an exported Tempo-R0 model with `transformers` (PyTorch).
 
 Why this module exists: an export (`python -m tempo_jax.export`) is a stock
-`Qwen2_5_VLForConditionalGeneration`, but its *inputs* are not stock. Under ETA every temporal
+`Qwen2_5_VLForConditionalGeneration` (or, for a Qwen3-VL backbone,
+`Qwen3VLForConditionalGeneration`), but its *inputs* are not stock. Under ETA every temporal
 patch is its own vision segment preceded by its timestamp as text, frames are chosen by SAA,
 and the M-RoPE positions come from the frames' real times. No transformers processor builds
 that, and transformers 5.x recomputes (differently) the positions itself unless they are
@@ -22,6 +23,7 @@ model; `greedy_generate` passes explicit positions at every step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,9 @@ import numpy as np
 
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data.pipeline import PipelineConfig, config_from_settings, load_example
+from tempo_jax.data.processor import QWEN2_5_VL, vision_family
 from tempo_jax.data.sources import VideoIndex
-from tempo_jax.models.qwen2_5_vl.config import ModelConfig, VisionConfig
+from tempo_jax.models import families
 
 __all__ = [
     "SETTINGS_FILE", "load_settings", "pipeline_config", "prepare_inputs", "greedy_ids",
@@ -39,7 +42,8 @@ __all__ = [
 ]
 
 SETTINGS_FILE = "tempo_settings.json"
-# the vision geometry the pipeline needs (frames per temporal patch, merge, rotary time scale)
+# the vision geometry the pipeline needs (frames per temporal patch, merge, rotary time scale:
+# Qwen2.5-VL only), with `family` (absent: Qwen2.5-VL, as exports before Qwen3-VL)
 _VISION_KEYS = ("patch_size", "temporal_patch_size", "spatial_merge_size", "tokens_per_second")
 
 
@@ -47,9 +51,9 @@ def load_settings(hf_dir: str | Path) -> dict[str, Any]:
     """The SAA / ETA / prompt settings saved with an export (`tempo_settings.json`).
 
     They are part of the model: the same weights with other settings see other inputs. Also
-    adds `vision` (the patch geometry from the export's `config.json`, which the prompt's
-    token counts and positions depend on) and `hf_dir` (where `prepare_inputs` finds the
-    tokenizer).
+    adds `vision` (the backbone family and patch geometry from the export's `config.json`,
+    which the frame sizes, the prompt's token counts and positions depend on) and `hf_dir`
+    (where `prepare_inputs` finds the tokenizer).
     """
     hf_dir = Path(hf_dir)
     path = hf_dir / SETTINGS_FILE
@@ -60,8 +64,10 @@ def load_settings(hf_dir: str | Path) -> dict[str, Any]:
             f"settings the model's SAA / ETA inputs cannot be rebuilt")
     settings = json.loads(path.read_text())
     if (hf_dir / "config.json").is_file():
-        vision = ModelConfig.from_pretrained(hf_dir).vision
-        settings.setdefault("vision", {k: getattr(vision, k) for k in _VISION_KEYS})
+        vision = families.config_from_pretrained(hf_dir).vision
+        settings.setdefault("vision", {"family": vision_family(vision),
+                                       **{k: getattr(vision, k) for k in _VISION_KEYS
+                                          if hasattr(vision, k)}})
     settings.setdefault("hf_dir", str(hf_dir.absolute()))
     return settings
 
@@ -74,11 +80,25 @@ def pipeline_config(settings: dict[str, Any]) -> PipelineConfig:
                                 shuffle=False, num_epochs=1)
 
 
+def _family(settings: dict[str, Any]) -> str:
+    return settings.get("vision", {}).get("family", QWEN2_5_VL)
+
+
+def _vision_config(settings: dict[str, Any]):
+    """The family's `VisionConfig` with the saved geometry (other fields: defaults, unused by
+    the data pipeline)."""
+    cls = families.submodule(_family(settings), "config").VisionConfig
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in settings.get("vision", {}).items()
+                  if k in _VISION_KEYS and k in names})
+
+
 def _tokenizer(settings: dict[str, Any]):
     hf_dir = settings.get("hf_dir")
+    family = _family(settings)
     if hf_dir and (Path(hf_dir) / "tokenizer_config.json").is_file():
-        return prompts_lib.load_tokenizer(str(hf_dir))
-    return prompts_lib.load_tokenizer(None)
+        return prompts_lib.load_tokenizer(str(hf_dir), family=family)
+    return prompts_lib.load_tokenizer(None, family=family)
 
 
 def prepare_inputs(
@@ -91,14 +111,15 @@ def prepare_inputs(
 ) -> dict[str, Any]:
     """Model inputs for one video and query, exactly as our evaluator builds them.
 
-    Returns `input_ids` [1, L], `attention_mask` [1, L], `pixel_values_videos` [N, 1176],
-    `video_grid_thw` [K, 3] (one `(1, h, w)` grid per temporal patch: ETA segments),
+    Returns `input_ids` [1, L], `attention_mask` [1, L], `pixel_values_videos` [N, 3*2*p*p]
+    (p the patch size: 1176 columns for Qwen2.5-VL, 1536 for Qwen3-VL), `video_grid_thw`
+    [K, 3] (one `(1, h, w)` grid per temporal patch: ETA segments),
     `position_ids` [3, 1, L] (the ETA M-RoPE positions; pass them to the model, which would
     otherwise compute stock ones), and, for information only, `frame_times` [2K] (seconds of
     the frames SAA chose). torch tensors, or numpy with `return_tensors="np"`.
 
     `settings`: `load_settings(hf_dir)` (or the export directory itself). `tokenizer`: default
-    the export's own, else the offline Qwen2.5 tokenizer the trainer uses.
+    the export's own, else the family's offline tokenizer the trainer uses.
     """
     if return_tensors not in ("pt", "np"):
         raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
@@ -108,8 +129,7 @@ def prepare_inputs(
     if not path.is_file():
         raise FileNotFoundError(f"video {path} not found")
     tok = tokenizer if tokenizer is not None else _tokenizer(settings)
-    vision = VisionConfig(**{k: v for k, v in settings.get("vision", {}).items()
-                             if k in _VISION_KEYS})
+    vision = _vision_config(settings)
     exts = (path.suffix,) if path.suffix else (".mp4",)
     videos = VideoIndex(path.parent.absolute(), exts=exts, recursive=False)
     record = {"video": path.name, "query": query, "relevant": True, "windows": []}
@@ -212,10 +232,14 @@ def greedy_generate(
 ) -> str:
     """The greedy answer text (special tokens dropped, as our evaluator decodes it), e.g.
     `<answer>3 to 8</answer>`. `eos_token_id` defaults to `<|im_end|>` and `<|endoftext|>`;
-    `tokenizer` to the one saved beside the model (else the offline Qwen2.5 tokenizer)."""
+    `tokenizer` to the one saved beside the model (else the offline tokenizer of the model's
+    family, its config's `model_type`)."""
     ids = greedy_ids(model, inputs, max_new_tokens, eos_token_id, use_cache=use_cache)
     if tokenizer is None:
         src = getattr(model, "name_or_path", "") or ""
         has_tok = src and (Path(src) / "tokenizer_config.json").is_file()
-        tokenizer = prompts_lib.load_tokenizer(src if has_tok else None)
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        tokenizer = prompts_lib.load_tokenizer(
+            src if has_tok else None,
+            family=family if family in families.FAMILIES else QWEN2_5_VL)
     return tokenizer.decode(ids, skip_special_tokens=True)

@@ -78,6 +78,30 @@ def test_special_tokens_ids(tok):
     assert tok.decode([151644, 151657], skip_special_tokens=True) == "<tool_call>"
 
 
+def test_qwen3_tokenizer_variant(tok):
+    """family="qwen3_vl": the same BPE plus Qwen3's 4 added tokens (not `special`), so
+    `<think>` / `</think>` are single tokens; built and cached apart from Qwen2.5's, which
+    keeps its 22 added tokens (`<think>` is plain text there)."""
+    q3 = load_tokenizer(None, family="qwen3_vl")
+    assert q3 is not tok and len(q3) == 151669 and len(tok) == 151665
+    assert P._offline_tokenizer_dir("qwen3_vl") != P._offline_tokenizer_dir()
+    for i, (content, _) in enumerate(P.added_tokens("qwen3_vl")):
+        assert q3.convert_tokens_to_ids(content) == 151643 + i
+    assert [q3.convert_tokens_to_ids(t) for t in ("<tool_response>", "</tool_response>")] == [
+        151665, 151666]
+    answer = "<think>a dog</think><answer>1.0 to 2.5</answer>"
+    ids = P.encode_text(q3, answer)
+    assert ids[0] == P.THINK_START_ID == 151667 and ids.count(P.THINK_END_ID) == 1
+    assert P.THINK_END_ID == 151668 and q3.decode(ids) == answer
+    assert q3.decode(ids, skip_special_tokens=True) == answer  # not special, as released
+    assert P.encode_text(q3, "Hello world, 3.5s") == P.encode_text(tok, "Hello world, 3.5s")
+    plain = P.encode_text(tok, answer)  # Qwen2.5: unchanged, the tags are several tokens
+    assert max(plain) < 151643 and tok.decode(plain) == answer
+    assert tok.convert_tokens_to_ids("<think>") != P.THINK_START_ID
+    with pytest.raises(ValueError, match="not a qwen3_vl tokenizer"):  # a Qwen2.5 checkpoint
+        load_tokenizer(str(P._offline_tokenizer_dir()), family="qwen3_vl")
+
+
 def test_tokenizer_roundtrip_random_unicode(tok):
     rng = random.Random(0)
     for _ in range(200):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from tempo_jax.data import saa as S
-from tempo_jax.data.processor import smart_resize
+from tempo_jax.data.processor import PatchSpec, patch_spec, smart_resize
+
+QWEN3_VL_SPEC = patch_spec(SimpleNamespace(family="qwen3_vl"))  # 16-pixel patches: factor 32
 
 
 def _busy_scores(duration: float = 20.0, lo: float = 4.0, hi: float = 6.0):
@@ -84,8 +88,10 @@ def test_change_scores_definition():
     assert S.change_scores(grey[:1]).tolist() == [0.0]
 
 
-def test_budget_and_invariants_on_random_videos():
+@pytest.mark.parametrize("spec", [None, QWEN3_VL_SPEC], ids=["qwen2_5_vl", "qwen3_vl"])
+def test_budget_and_invariants_on_random_videos(spec):
     rng = np.random.default_rng(0)
+    f, ps = (spec or PatchSpec()).factor, (spec or PatchSpec()).patch_size
     for i in range(300):
         duration = float(np.exp(rng.uniform(np.log(0.5), np.log(7200.0))))
         hw = (int(rng.integers(64, 2161)), int(rng.integers(64, 3841)))
@@ -95,13 +101,13 @@ def test_budget_and_invariants_on_random_videos():
                           jitter=0.5 if i % 3 == 0 else 0.0, seed=i)
         c = S.candidate_times(duration, cfg.candidate_fps)
         s = rng.random(len(c)) ** 3
-        p = S.plan(duration, hw, c, s, cfg)
+        p = S.plan(duration, hw, c, s, cfg, spec)
         n, (h, w) = p.n_frames, p.resized_hw
         assert p.num_visual_tokens <= budget
         assert n >= 2 and n % 2 == 0 and n <= cfg.max_frames
-        assert p.num_visual_tokens == n // 2 * (h // 28) * (w // 28)
-        assert p.grid_thw == (n // 2, h // 14, w // 14)
-        assert h % 28 == 0 and w % 28 == 0 and p.grid_thw[1] % 2 == 0 == p.grid_thw[2] % 2
+        assert p.num_visual_tokens == n // 2 * (h // f) * (w // f)
+        assert p.grid_thw == (n // 2, h // ps, w // ps)
+        assert h % f == 0 and w % f == 0 and p.grid_thw[1] % 2 == 0 == p.grid_thw[2] % 2
         assert np.all(np.diff(p.times) >= 0)
         assert p.times[0] >= 0 and p.times[-1] <= duration
         pairs = p.times.reshape(-1, 2)
@@ -116,8 +122,29 @@ def test_budget_and_invariants_on_random_videos():
         assert n <= n0
         if n < n0:
             per = budget // ((n + 2) // 2)
-            hm, wm = smart_resize(*hw, 28, cfg.min_pixels, cfg.min_pixels)
-            assert per * 784 < cfg.min_pixels or (hm // 28) * (wm // 28) > per
+            lo = cfg.pixel_bounds(f)[0]
+            hm, wm = smart_resize(*hw, f, lo, lo)
+            assert per * f * f < lo or (hm // f) * (wm // f) > per
+
+
+def test_factor_and_units_per_family():
+    """The budget counts merged tokens in every family and the pixel bounds scale with the
+    factor squared, so a budget-bound video gets the same frames and token grid from a
+    Qwen3-VL tower (factor 32) as from Qwen2.5-VL's (28), at (32/28)**2 the pixels."""
+    cfg = S.SAAConfig()
+    assert cfg.pixel_bounds() == cfg.pixel_bounds(28) == (cfg.min_pixels, cfg.max_pixels)
+    assert cfg.pixel_bounds(32) == (16 * 32 * 32, 768 * 32 * 32)
+    c, s = _busy_scores()
+    a = S.plan(20.0, (1080, 1920), c, s)
+    b = S.plan(20.0, (1080, 1920), c, s, spec=QWEN3_VL_SPEC)
+    np.testing.assert_array_equal(a.times, b.times)
+    assert a.num_visual_tokens == b.num_visual_tokens and a.grid_thw == b.grid_thw
+    assert b.resized_hw == tuple(v // 28 * 32 for v in a.resized_hw) == (320, 544)
+    # the default spec is Qwen2.5-VL's
+    d = S.plan(20.0, (1080, 1920), c, s, spec=PatchSpec())
+    assert (d.resized_hw, d.grid_thw) == (a.resized_hw, a.grid_thw)
+    with pytest.raises(ValueError, match="pairs"):
+        S.plan(20.0, (360, 640), spec=PatchSpec(temporal_patch_size=3))
 
 
 def test_budget_caps_resolution_not_only_frames():

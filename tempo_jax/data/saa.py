@@ -9,7 +9,9 @@ The vision tokens of a video are a fixed budget. SAA spends it where the content
    fuses 2 consecutive frames into one temporal patch, so the CDF places *pairs*, and the two
    frames of a pair sit at most `pair_gap` seconds apart (one moment per patch);
 4. `plan`: frame count and `smart_resize` resolution chosen together so the merged visual
-   tokens never exceed `max_visual_tokens`.
+   tokens never exceed `max_visual_tokens`. The backbone's `PatchSpec` (`processor.patch_spec`
+   of its vision config) sets the resize factor: frames are multiples of 28 pixels for
+   Qwen2.5-VL (14-pixel patches, merge 2), of 32 for Qwen3-VL (16-pixel patches).
 
 `enabled=False` gives the stock uniform sampling (Qwen's 2 fps; spread over the whole video when
 the budget affords fewer frames) under the same budget logic, for ablations. The plan carries
@@ -26,23 +28,35 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tempo_jax.data.processor import smart_resize
+from tempo_jax.data.processor import PatchSpec, smart_resize
 
 __all__ = [
-    "Plan", "SAAConfig", "candidate_times", "change_scores", "frame_times", "grey_thumbnails",
-    "plan",
+    "PIXEL_UNIT_FACTOR", "Plan", "SAAConfig", "candidate_times", "change_scores", "frame_times",
+    "grey_thumbnails", "plan",
 ]
 
-PATCH = 14
-MERGE = 2
-FACTOR = PATCH * MERGE  # 28: one merged token covers FACTOR x FACTOR pixels
-TOKEN_PIXELS = FACTOR * FACTOR
-TEMPORAL_PATCH = 2
+# SAAConfig's pixel bounds count pixels of 28x28-pixel merged tokens (Qwen2.5-VL's 14-pixel
+# patches x merge 2, qwen-vl-utils' units); `SAAConfig.pixel_bounds` converts them
+PIXEL_UNIT_FACTOR = 28
+TEMPORAL_PATCH = 2  # frames per temporal patch: the CDF places pairs (both families' value)
 
 
 @dataclasses.dataclass(frozen=True)
 class SAAConfig:
-    """SAA settings; saved beside every checkpoint (they are part of the model's input)."""
+    """SAA settings; saved beside every checkpoint (they are part of the model's input).
+
+    Units, so that one setting means the same for every backbone family:
+    `max_visual_tokens` counts merged visual tokens, i.e. LLM tokens, which cost the same
+    whatever the vision tower (and each is `merge_size**2` patches for the tower in both
+    families), so the budget fixes the sequence length. `min_pixels` / `max_pixels` bound one
+    frame in Qwen2.5-VL pixels (`PIXEL_UNIT_FACTOR` = 28: 28x28 pixels per merged token, the
+    qwen-vl-utils convention their defaults come from), i.e. they stand for 16 and 768 merged
+    tokens per frame; for a backbone whose merged token covers f x f pixels they scale by
+    (f / 28)**2 (`pixel_bounds(f)`). So under the same settings a Qwen3-VL video (f = 32) gets
+    the same token budget and per-frame token range as a Qwen2.5-VL one; where the budget binds,
+    the same frames and token grid at (32/28)**2 = 1.31x the pixels (elsewhere rounding the
+    frame to 32 rather than 28 pixels may give a slightly different grid).
+    """
 
     enabled: bool = True
     candidate_fps: float = 4.0  # rate of the grey thumbnails the change scores come from
@@ -86,6 +100,13 @@ class SAAConfig:
         if bad:
             raise ValueError(f"invalid SAAConfig: {', '.join(bad)}")
 
+    def pixel_bounds(self, factor: int = PIXEL_UNIT_FACTOR) -> tuple[int, int]:
+        """(min, max) pixels per frame for frames cut in `factor` x `factor`-pixel merged tokens:
+        `min_pixels` and `max_pixels` scaled by (factor / 28)**2 and rounded (unchanged at 28)."""
+        unit, area = PIXEL_UNIT_FACTOR**2, factor * factor
+        return ((self.min_pixels * area + unit // 2) // unit,
+                (self.max_pixels * area + unit // 2) // unit)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -102,9 +123,9 @@ class Plan:
     """Which frames to decode, at what size, and the resulting vision grid."""
 
     times: np.ndarray  # [n] seconds, sorted, n even; frames 2k and 2k+1 form temporal patch k
-    resized_hw: tuple[int, int]
-    grid_thw: tuple[int, int, int]  # (n/2, h/14, w/14)
-    num_visual_tokens: int  # merged tokens = n/2 * (h/28) * (w/28)
+    resized_hw: tuple[int, int]  # multiples of the backbone's factor (patch x merge)
+    grid_thw: tuple[int, int, int]  # (n/2, h/patch, w/patch)
+    num_visual_tokens: int  # merged tokens = n/2 * (h/factor) * (w/factor)
 
     @property
     def n_frames(self) -> int:
@@ -282,25 +303,29 @@ def frame_times(
     return np.clip(times, 0.0, duration)
 
 
-def _fit_budget(height: int, width: int, n0: int, cfg: SAAConfig) -> tuple[int, tuple[int, int]]:
+def _fit_budget(height: int, width: int, n0: int, cfg: SAAConfig,
+                factor: int) -> tuple[int, tuple[int, int]]:
     """Largest frame count <= n0, then the largest resolution, within the token budget.
 
-    Per temporal patch we may spend budget // (n/2) merged tokens, i.e. that many 28x28 pixel
-    cells per frame (capped at max_pixels). If even `min_pixels` does not fit, frames are
-    dropped (two at a time); only at a single temporal patch may the frame go below it.
+    Per temporal patch we may spend budget // (n/2) merged tokens, i.e. that many
+    `factor` x `factor` pixel cells per frame (capped at the max pixel bound). If even the min
+    pixel bound does not fit, frames are dropped (two at a time); only at a single temporal
+    patch may the frame go below it.
     """
     budget = cfg.max_visual_tokens
-    tok_min = math.ceil(cfg.min_pixels / TOKEN_PIXELS)
+    token_px = factor * factor
+    min_px, max_px = cfg.pixel_bounds(factor)
+    tok_min = math.ceil(min_px / token_px)
     n = min(n0, TEMPORAL_PATCH * max(1, budget // tok_min))
     while n >= TEMPORAL_PATCH:
         per_patch = budget // (n // TEMPORAL_PATCH)
-        px = min(cfg.max_pixels, per_patch * TOKEN_PIXELS)
-        floor_px = cfg.min_pixels if n > TEMPORAL_PATCH else TOKEN_PIXELS
-        while px >= floor_px and px >= TOKEN_PIXELS:
-            h, w = smart_resize(height, width, FACTOR, min(cfg.min_pixels, px), px)
-            if (h // FACTOR) * (w // FACTOR) <= per_patch:
+        px = min(max_px, per_patch * token_px)
+        floor_px = min_px if n > TEMPORAL_PATCH else token_px
+        while px >= floor_px and px >= token_px:
+            h, w = smart_resize(height, width, factor, min(min_px, px), px)
+            if (h // factor) * (w // factor) <= per_patch:
                 return n, (h, w)
-            px -= TOKEN_PIXELS  # smart_resize's rounding overshot: shrink and retry
+            px -= token_px  # smart_resize's rounding overshot: shrink and retry
         n -= TEMPORAL_PATCH
     raise ValueError(
         f"a {height}x{width} frame cannot fit max_visual_tokens={budget} even as one temporal "
@@ -314,15 +339,22 @@ def plan(
     cand_times: np.ndarray | None = None,
     scores: np.ndarray | None = None,
     cfg: SAAConfig | None = None,
+    spec: PatchSpec | None = None,
 ) -> Plan:
     """Frame times, resolution and grid for one video, within the visual-token budget.
 
     Start from the fps-implied frame count (clipped to [min_frames, max_frames], even), give
     each frame the largest resolution the budget allows, and drop frames only when even
     `min_pixels` per frame would overflow it. With `cfg.enabled` the frames follow the change
-    scores (`frame_times`); otherwise they are uniform at `uniform_fps`.
+    scores (`frame_times`); otherwise they are uniform at `uniform_fps`. `spec`: the vision
+    tower's patch geometry (`processor.patch_spec(vision_config)`; default Qwen2.5-VL's).
     """
     cfg = cfg or SAAConfig()
+    spec = spec or PatchSpec()
+    if spec.temporal_patch_size != TEMPORAL_PATCH:
+        raise ValueError(f"SAA places frames in pairs; the tower fuses "
+                         f"{spec.temporal_patch_size} frames per temporal patch")
+    factor = spec.factor
     duration = float(duration)
     if not duration > 0:
         raise ValueError(f"duration must be positive, got {duration}")
@@ -330,11 +362,12 @@ def plan(
     fps = cfg.mean_fps if cfg.enabled else cfg.uniform_fps
     n0 = int(np.clip(round(duration * fps), cfg.min_frames, cfg.max_frames))
     n0 = max(TEMPORAL_PATCH, n0 - n0 % TEMPORAL_PATCH)
-    n, (h, w) = _fit_budget(height, width, n0, cfg)
+    n, (h, w) = _fit_budget(height, width, n0, cfg, factor)
     times = frame_times(cand_times, scores, duration, n, cfg)
     m = n // TEMPORAL_PATCH
-    tokens = m * (h // FACTOR) * (w // FACTOR)
+    tokens = m * (h // factor) * (w // factor)
     if tokens > cfg.max_visual_tokens:  # _fit_budget guarantees this; keep it loud
         raise AssertionError(f"plan overflows the budget: {tokens} > {cfg.max_visual_tokens}")
-    return Plan(times=times, resized_hw=(h, w), grid_thw=(m, h // PATCH, w // PATCH),
+    return Plan(times=times, resized_hw=(h, w),
+                grid_thw=(m, h // spec.patch_size, w // spec.patch_size),
                 num_visual_tokens=int(tokens))
