@@ -36,6 +36,7 @@ from tempo_jax.grounding.metrics import (
     qvhighlights_metrics,
 )
 from tempo_jax.inference import answer_rows
+from tempo_jax.models import families
 
 __all__ = [
     "Loaded", "add_metrics_parser", "add_run_parser", "answer_rows", "apply_overrides",
@@ -282,7 +283,7 @@ def evaluate_model(
         tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
         tmp.replace(answers_path)
     todo = [r for r in records if str(r["qid"]) not in done]
-    tok = load_tokenizer(None)
+    tok = load_tokenizer(None, family=families.family_of(loaded.model))
     if todo:
         pcfg = config_from_settings(
             settings, batch_size=batch_size, with_answer=False, pad_side="left", shuffle=False,

@@ -112,6 +112,7 @@ def predict(loaded: Any, requests: Sequence[dict], *, batch_size: int = 8,
         load_example,
         with_query,
     )
+    from tempo_jax.data.processor import vision_family
     from tempo_jax.data.prompts import load_tokenizer
     from tempo_jax.data.sources import VideoIndex
     from tempo_jax.inference import answer_rows
@@ -119,7 +120,7 @@ def predict(loaded: Any, requests: Sequence[dict], *, batch_size: int = 8,
     pcfg = config_from_settings(loaded.settings, batch_size=batch_size, with_answer=False,
                                 pad_side="left", shuffle=False, num_epochs=1)
     vision = loaded.model.config.vision
-    tok = load_tokenizer(pcfg.tokenizer_path)
+    tok = load_tokenizer(pcfg.tokenizer_path, family=vision_family(vision))
     processed: dict[str, dict | str] = {}  # video -> its example, or why it failed
     rows: list[dict | None] = [None] * len(requests)
     todo: list[tuple[int, dict]] = []

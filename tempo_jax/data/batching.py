@@ -128,7 +128,10 @@ def _multihost_batch(batch, mesh, rules, cfg, pad_side):
                                     bucketed=True)
     # padding patches sit in segments of their own and never reach the text: any source will do
     src = np.concatenate([*src, np.zeros(capacity - n_total, np.int64)])
-    meta["patch_perm"] = src[meta["patch_perm"]].astype(np.int32)
+    # Qwen2.5-VL's metadata already permutes patches (window order); Qwen3-VL's reads them in
+    # order, so its permutation is the gather alone
+    perm = meta.get("patch_perm", np.arange(capacity))
+    meta["patch_perm"] = src[perm].astype(np.int32)
     rep = NamedSharding(mesh, PartitionSpec())
 
     def replicated(v):

@@ -36,8 +36,9 @@ from tempo_jax.data.processor import (
 )
 from tempo_jax.data.sources import GroundingSource, VideoIndex, skipped_summary
 from tempo_jax.data.video import VideoError, read_for_saa
+from tempo_jax.models import families
 from tempo_jax.models.qwen2_5_vl.config import VisionConfig
-from tempo_jax.models.qwen2_5_vl.vision_meta import bucket, vision_metadata
+from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def collate(
     capacity = patch_capacity or bucket(n, 64)
     if n > capacity:
         raise ValueError(f"batch has {n} patches, more than the capacity {capacity}")
-    meta = _vision_metadata_fn(vision)(grids, vision, num_patches=capacity, bucketed=True)
+    meta = families.vision_metadata(grids, vision, num_patches=capacity, bucketed=True)
     batch = {
         "input_ids": text["input_ids"].astype(np.int32),
         "attention_mask": text["attention_mask"].astype(np.int32),
@@ -255,15 +256,6 @@ def collate(
     batch["meta"] = [{**{k: ex[k] for k in META_KEYS}, "caption": ex.get("caption")}
                      for ex in examples]
     return batch
-
-
-def _vision_metadata_fn(vision: VisionConfig):
-    """The family's host-side vision-tower metadata builder (Qwen3-VL's has no windows)."""
-    if vision_family(vision) == QWEN3_VL:
-        from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata as qwen3_metadata
-
-        return qwen3_metadata
-    return vision_metadata
 
 
 def jsonable(value: Any) -> Any:

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from tempo_jax.models import families
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "FAMILIES", "HALF_MEAN", "HALF_STD", "IMAGE_FACTOR", "PatchSpec",
@@ -57,9 +58,8 @@ RESCALE = 1.0 / 255.0
 QWEN3_VL_VIDEO_MIN_PIXELS = 4096
 QWEN3_VL_VIDEO_MAX_PIXELS = 25165824
 
-QWEN2_5_VL = "qwen2_5_vl"
-QWEN3_VL = "qwen3_vl"
-FAMILIES = (QWEN2_5_VL, QWEN3_VL)
+QWEN2_5_VL, QWEN3_VL = families.FAMILIES
+FAMILIES = families.FAMILIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,19 +92,13 @@ _FAMILY_SPECS = {
 
 
 def vision_family(config: Any) -> str:
-    """The model family (`"qwen2_5_vl"` or `"qwen3_vl"`) of a vision or model config.
-
-    Its `family` attribute where it has one; else the `MODEL_TYPE` of the config module that
-    defines its class (both families' config modules declare one, and a `VisionConfig` need not
-    carry `family`); else Qwen2.5-VL, the project's original backbone. Read by attribute, so
-    data code needs no import of the model packages to tell them apart."""
-    family = getattr(config, "family", None)
-    if family is None:
-        module = sys.modules.get(type(config).__module__)
-        family = getattr(module, "MODEL_TYPE", QWEN2_5_VL)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; the data pipeline knows {FAMILIES}")
-    return family
+    """The model family (`"qwen2_5_vl"` or `"qwen3_vl"`) of a vision or model config
+    (`models.families.family_of`); Qwen2.5-VL, the project's original backbone, for a
+    config of neither family's classes without a `family` attribute."""
+    try:
+        return families.family_of(config)
+    except TypeError:
+        return QWEN2_5_VL
 
 
 def patch_spec(config: Any) -> PatchSpec:

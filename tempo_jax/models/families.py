@@ -43,8 +43,9 @@ def submodule(family: str, name: str) -> ModuleType:
 
 
 def family_of(obj: Any) -> str:
-    """The family of a model, a model config or a vision config (`family` attribute; a vision
-    config carries none in older code, so it is read from its defining package)."""
+    """The family of a model, a model config or a vision config: its `family` attribute (a
+    model: its config's); a vision or text config carries none, so the family package that
+    defines its class."""
     fam = getattr(obj, "family", None)
     if fam is None and hasattr(obj, "config"):
         fam = getattr(obj.config, "family", None)

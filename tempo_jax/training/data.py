@@ -16,6 +16,7 @@ import numpy as np
 from tempo_jax import cli
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data.pipeline import PipelineConfig, load_example, with_query
+from tempo_jax.data.processor import vision_family
 from tempo_jax.data.sources import (
     VideoIndex,
     load_charades_sta,
@@ -137,7 +138,7 @@ def load_all(records, video_root, pcfg, vision, desc) -> list[dict]:
     """Process every record once (cached mode), skipping and counting broken ones."""
     from tqdm import tqdm
 
-    tok = prompts_lib.load_tokenizer(pcfg.tokenizer_path)
+    tok = prompts_lib.load_tokenizer(pcfg.tokenizer_path, family=vision_family(vision))
     videos = VideoIndex(video_root)
     out, skipped = [], []
     for r in tqdm(records, desc=desc, unit="video", file=sys.stdout, mininterval=2):

@@ -44,9 +44,10 @@ def preprocessor_config(config: ml_collections.ConfigDict, model: nnx.Module) ->
     saa = saa_lib.SAAConfig.from_dict(config.saa.to_dict())
     v = model.config.vision
     spec = processor_lib.patch_spec(v)
+    min_px, max_px = saa.pixel_bounds(spec.factor)
     return {
-        "min_pixels": saa.min_pixels,
-        "max_pixels": saa.max_pixels,
+        "min_pixels": min_px,
+        "max_pixels": max_px,
         "patch_size": v.patch_size,
         "temporal_patch_size": v.temporal_patch_size,
         "merge_size": v.spatial_merge_size,
@@ -76,7 +77,8 @@ def write_tokenizer_files(config: ml_collections.ConfigDict, model: nnx.Module |
             raise FileNotFoundError(f"{src}: model.init_checkpoint has no tokenizer files "
                                     f"(tokenizer.json or vocab.json + merges.txt)")
         return written
-    saved = prompts_lib.load_tokenizer(None).save_pretrained(str(out))
+    family = families.family_of(model)
+    saved = prompts_lib.load_tokenizer(None, family=family).save_pretrained(str(out))
     (out / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(config, model), indent=2) + "\n")
     return sorted({Path(f).name for f in saved} | {"preprocessor_config.json"})

@@ -84,9 +84,10 @@ def trainable_filter(config: ml_collections.ConfigDict):
 
 
 
-def load_tokenizer():
-    """The tokenizer every stage uses (the offline Qwen2.5 tokenizer)."""
-    return prompts_lib.load_tokenizer(None)
+def load_tokenizer(family: str = families.DEFAULT):
+    """The tokenizer every stage uses: the family's, built offline (Qwen3-VL's adds
+    `<think>` / `</think>` as single tokens)."""
+    return prompts_lib.load_tokenizer(None, family=family)
 
 
 def make_mesh(config: ml_collections.ConfigDict):

@@ -25,6 +25,7 @@ from tempo_jax import fileio
 from tempo_jax import sharding as shd
 from tempo_jax.data.pipeline import Loader, PipelineConfig, make_loader
 from tempo_jax.distributed import agree_with_main, is_main
+from tempo_jax.models import families
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import evaluation, report
 from tempo_jax.training.checkpoints import Checkpoints
@@ -54,7 +55,7 @@ class Trainer:
             shd.shard_model(self.model, self.mesh, self.rules)
         self.graphdef, self.params, self.frozen = nnx.split(
             self.model, trainable_filter(config), ...)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = load_tokenizer(families.family_of(self.model))
         self.ckpt = Checkpoints(self.workdir / "ckpt", config)
         self.logger = MetricsLogger(self.workdir)
         self.stop_requested = False

@@ -142,8 +142,12 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixels, meta: dict, opts: RuntimeOptions):
         """pixels [N, patch_dim] -> (merged features [N / 4, out_hidden], DeepStack features
-        [len(deepstack_visual_indexes), N / 4, out_hidden]), both in input order."""
+        [len(deepstack_visual_indexes), N / 4, out_hidden]), both in input order.
+        `meta["patch_perm"]`, when present, gathers the patches into that order first (a
+        multi-host batch: each host's pixels sit in its own block of the global array)."""
         x = self.patch_embed(pixels, opts.dtype)
+        if "patch_perm" in meta:
+            x = x[meta["patch_perm"]]
         table = self.pos_embed.embedding[...].astype(jnp.float32)
         pos = jnp.sum(table[meta["pos_index"]] * meta["pos_weight"][..., None], axis=1)
         x = x + pos.astype(x.dtype)
