@@ -2,6 +2,7 @@
 
     python scale_worker.py mesh8 EXAMPLES OUT        # 8 devices: equivalence, checkpoints
     python scale_worker.py proc EXAMPLES OUT         # one of 2 jax.distributed processes
+    python scale_worker.py qwen3 EXAMPLES OUT        # 8 devices, the Qwen3-VL backbone
 
 Writes OUT/<mode>[_<process>].json (and safetensors exports) for the test to check.
 """
@@ -27,10 +28,10 @@ SFT_STEPS = 2
 ROLLOUT_G = 2  # samples per prompt in the rollout checks (4 prompts)
 
 
-def config():
+def config(name: str = "tiny"):
     from tempo_jax.configs.tempo_r0 import get_config
 
-    c = get_config("tiny")
+    c = get_config(name)
     for k, v in MODEL.items():
         c.model.tiny_overrides[k] = v
     return c
@@ -312,10 +313,42 @@ def proc(examples, out: Path) -> None:
     jax.distributed.shutdown()
 
 
+def qwen3(examples, out: Path) -> None:
+    """The Qwen3-VL backbone (DeepStack's side input through the sharded decoder): SFT steps,
+    one PIR-GRPO update and a sampled rollout on the (2, 2, 2) mesh against one device."""
+    import jax
+
+    from tempo_jax import sharding as shd
+
+    assert jax.device_count() == 8, jax.devices()
+    c = config("qwen3_vl_tiny")
+    rules = shd.DEFAULT_RULES
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    model = fresh(c, None, rules)
+    assert model.config.family == "qwen3_vl"
+    vision = model.config.vision
+    batches = sft_batches(examples, c, vision)
+    l1, p1, *_ = run_sft(c, None, rules, batches)
+    l8, p8, *_ = run_sft(c, mesh, rules, batches)
+    g1, m1, q1, d1 = run_grpo(c, None, rules, examples, vision)
+    g8, m8, q8, d8 = run_grpo(c, mesh, rules, examples, vision)
+    (out / "qwen3.json").write_text(json.dumps({
+        "sft_losses_1": l1, "sft_losses_8": l8,
+        "sft_param_diff": max_diff(flat(p1), flat(p8)),
+        "sft_param_change": max_diff(flat(p1), flat(split(fresh(c, None, rules), c)[1])),
+        "grpo_loss_1": g1, "grpo_loss_8": g8,
+        "grpo_grad_diff": max_diff(flat(d1), flat(d8)),
+        "grpo_grad_max": max(float(np.abs(v).max()) for v in flat(d1).values()),
+        "grpo_param_diff": max_diff(flat(q1), flat(q8)),
+        "rollout_1": run_rollout(c, None, rules, examples, vision, range(4)),
+        "rollout_8": run_rollout(c, mesh, rules, examples, vision, range(4)),
+    }))
+
+
 if __name__ == "__main__":
     mode, examples_path, out_dir = sys.argv[1:4]
     with open(examples_path, "rb") as f:
         exs = pickle.load(f)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    {"mesh8": mesh8, "proc": proc}[mode](exs, out_path)
+    {"mesh8": mesh8, "proc": proc, "qwen3": qwen3}[mode](exs, out_path)

@@ -152,6 +152,43 @@ def examples(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def qwen3_examples(tmp_path_factory) -> Path:
+    """8 synthetic examples processed for the Qwen3-VL tower (16-pixel patches)."""
+    from tempo_jax.configs.tempo_r0 import get_config
+    from tempo_jax.training.data import load_all, prepare_data
+    from tempo_jax.training.setup import model_config, pipeline_config
+
+    wd = tmp_path_factory.mktemp("scale_qwen3")
+    c = get_config("qwen3_vl_tiny")
+    c.data.synthetic_train, c.data.synthetic_val, c.data.irrelevant_ratio = 8, 1, 0.25
+    c.saa.max_visual_tokens, c.saa.max_frames = 32, 8
+    data = prepare_data(c, wd)
+    exs = load_all(data.train[:8], data.video_root, pipeline_config(c), model_config(c).vision,
+                   "qwen3")
+    assert exs[0]["pixel_values"].shape[1] == 3 * 2 * 16 * 16
+    path = wd / "examples.pkl"
+    path.write_bytes(pickle.dumps(exs))
+    return path
+
+
+def test_qwen3_vl_steps_and_rollout_on_mesh_match_one_device(qwen3_examples, tmp_path):
+    """Qwen3-VL on the (data 2, fsdp 2, tensor 2) mesh: its SFT steps, PIR-GRPO update
+    (gradients included) and sampled rollout equal one device's."""
+    run = subprocess.run([sys.executable, WORKER, "qwen3", str(qwen3_examples), str(tmp_path)],
+                         env=_env(8), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    res = json.loads((tmp_path / "qwen3.json").read_text())
+    np.testing.assert_allclose(res["sft_losses_8"], res["sft_losses_1"], rtol=0, atol=TOL)
+    assert res["sft_param_change"] > 100 * TOL and res["sft_param_diff"] <= TOL, res
+    assert abs(res["grpo_loss_8"] - res["grpo_loss_1"]) <= TOL, res
+    assert res["grpo_grad_max"] > 100 * TOL and res["grpo_grad_diff"] <= TOL, res
+    assert res["grpo_param_diff"] <= TOL, res
+    one, eight = res["rollout_1"], res["rollout_8"]
+    assert eight["tokens"] == one["tokens"] and eight["lengths"] == one["lengths"]
+    np.testing.assert_allclose(eight["logps"], one["logps"], rtol=0, atol=1e-5)
+
+
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
