@@ -36,6 +36,23 @@ def test_param_counts_equal_the_released_models(cfg7b, cfg3b):
     assert P.plan(cfg3b, {"fsdp": 64}, "v5p", search=False)["param_count"] == 3_754_622_976
 
 
+@pytest.mark.parametrize("size", ["qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b"])
+def test_qwen3_vl_plans_count_what_transformers_builds(size):
+    """The planner sizes the Qwen3-VL configs (the family picked by the config alone) with
+    the parameter count of transformers' own model of the same config (meta device)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = load_config(f"configs/tempo_r0.py:{size}")
+    plan = P.plan(config, {"fsdp": 64}, "v5p", search=False)
+    with torch.device("meta"):
+        ref = Qwen3VLForConditionalGeneration(
+            Qwen3VLConfig(**P.model_config(config).to_hf_dict()))
+    assert plan["param_count"] == sum(p.numel() for p in ref.parameters())
+    assert plan["vision_param_count"] == sum(p.numel() for p in ref.model.visual.parameters())
+    assert plan["peak_phase"] in plan["phases"] and plan["per_device_bytes"] > 0
+
+
 def test_parameter_bytes_scale_with_fsdp(cfg7b):
     mcfg = P.model_config(cfg7b)
     one = P.tensor_plans(mcfg, {"data": 1, "fsdp": 1, "tensor": 1})
