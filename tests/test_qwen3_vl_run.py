@@ -1,8 +1,8 @@
 """`qwen3_vl_tiny` through the whole stack: a short SFT -> PIR-GRPO run on synthetic videos
 (the family chosen by the config alone), its Hugging Face export loaded by transformers'
 `Qwen3VLForConditionalGeneration` (the same tensors, the same logits on a real validation
-prompt built by `tempo_jax.hf.prepare_inputs`), and `evaluate` on that export answering as the
-trainer's own evaluation did."""
+prompt built by `tempo_jax.hf.prepare_inputs`, the same greedy answer), and `evaluate` on
+that export answering as the trainer's own evaluation did."""
 
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ def test_export_loads_in_transformers_with_equal_tensors_and_logits(run):
     err = float(np.abs(ours_logits - ref).max())
     print(f"[qwen3-vl export] max |logit diff| vs transformers {err:.2e}")
     assert err <= 1e-4
+    # transformers users' greedy answer (hf.greedy_generate, KV-cached) is the trainer's
+    pt = hf.prepare_inputs(video, row["query"], hf_dir)
+    pt.pop("frame_times")
+    answer = hf.greedy_generate(torch_model, pt, max_new_tokens=SMALL["eval_max_new_tokens"])
+    assert answer == row["answer"]
 
 
 def test_evaluate_on_the_export_answers_as_the_trainer(run, tmp_path):
