@@ -26,7 +26,7 @@ def _bad_jsonl(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "tempo_r0.py:huge"], "--config tempo_r0.py:huge: config argument must be "
-     "tiny, 3b or 7b, got 'huge'"),
+     "one of tiny, 3b, 7b, qwen3_vl_tiny, qwen3_vl_2b, qwen3_vl_4b, qwen3_vl_8b, got 'huge'"),
     (["--config", "nothere.py:tiny"], "--config nothere.py:tiny: no such config file "
      "(shipped: tempo_r0.py)"),
     (["--config.rl.betaa=0"], "--config.rl.betaa: config.rl has no field 'betaa'; did you "
@@ -80,8 +80,8 @@ def test_train_command_prints_one_line_and_exits_2(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "error: --config configs/tempo_r0.py:huge: config argument must be tiny, 3b or 7b, "
-        "got 'huge'"]
+        "error: --config configs/tempo_r0.py:huge: config argument must be one of tiny, 3b, 7b, "
+        "qwen3_vl_tiny, qwen3_vl_2b, qwen3_vl_4b, qwen3_vl_8b, got 'huge'"]
 
 
 def test_evaluate_bad_inputs(tmp_path, capsys):

@@ -170,7 +170,12 @@ def workload(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> Workload:
 
         seq = bucket(config.saa.max_visual_tokens + 256, 64)
     v = mcfg.vision
-    per_frame = config.saa.max_pixels // (v.patch_size**2)
+    from tempo_jax.data.processor import patch_spec
+    from tempo_jax.data.saa import SAAConfig
+
+    # the per-frame pixel ceiling in the tower's own units (SAA's are 28-px tokens)
+    max_px = SAAConfig.from_dict(config.saa.to_dict()).pixel_bounds(patch_spec(v).factor)[1]
+    per_frame = max_px // (v.patch_size**2)
     visual = int(config.saa.max_visual_tokens)
     return Workload(
         sft="sft" in stages, grpo="grpo" in stages,

@@ -352,8 +352,13 @@ class Qwen3VL(nnx.Module):
         return x.reshape(*ids.shape, -1), side
 
     def embed(self, inputs: dict):
-        """Token embeddings with the vision features scattered (no DeepStack: decoding these
-        alone drops it; use `embed_for_decoder` to feed the decoder)."""
+        """Token embeddings of text-only inputs. With vision inputs the decoder also needs
+        DeepStack's features: `embed_for_decoder` gives both, and this refuses (Qwen2.5-VL's
+        `model.model(model.embed(inputs))` pattern would silently drop them)."""
+        if "pixel_values" in inputs:
+            raise ValueError("Qwen3VL.embed: inputs with vision need DeepStack's features too; "
+                             "use x, side = model.embed_for_decoder(inputs) and "
+                             "model.model(x, ..., side=side)")
         return self.embed_for_decoder(inputs)[0]
 
     def extend_side(self, side: Side, n_new: int) -> Side:
