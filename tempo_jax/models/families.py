@@ -79,8 +79,8 @@ def checkpoint_family(path: str | os.PathLike) -> str:
     `model_type`."""
     mt = read_config_json(path).get("model_type")
     if mt not in FAMILIES:
-        raise ValueError(f"{path}/config.json: model_type {mt!r} is not a supported family "
-                         f"{FAMILIES}")
+        raise ValueError(f"{path}/config.json: unsupported model_type {mt!r}: tempo_jax "
+                         f"implements {', '.join(FAMILIES)}")
     return mt
 
 
