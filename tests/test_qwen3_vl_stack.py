@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from qwen3_reference import batch, hf_positions, pixels, prompt, tiny_hf_model
 
 import tempo_jax
@@ -91,19 +92,22 @@ def test_completion_logits_with_deepstack_equal_unpadded_forward(model, pad_side
     comp_len = np.asarray([5, 2, 3, 5])
     comp_mask = np.arange(t)[None] < comp_len[:, None]
     start = np.repeat(pos_lib.decode_start(inputs["position_ids"], mask), g)
-    got = np.asarray(steps.completion_logits(
-        model, inputs, jnp.asarray(comp), jnp.asarray(comp_mask), jnp.asarray(start), g))
+    logits = nnx.jit(steps.completion_logits, static_argnums=5)
+    got = np.asarray(logits(model, inputs, jnp.asarray(comp), jnp.asarray(comp_mask),
+                            jnp.asarray(start), g))
     for r in range(2 * g):
         p, grid, v = [(p1, g1, v1), (p2, g2, v2)][r // g]
         seq = np.concatenate([p, comp[r, :comp_len[r]]])
-        ref = np.asarray(model.forward(families.prepare_inputs(
-            cfg, seq[None], pixel_values_videos=v, video_grid_thw=[grid])))[0]
+        ref = np.asarray(model(seq[None], pixel_values_videos=v, video_grid_thw=[grid]))[0]
         n = len(p)
         np.testing.assert_allclose(got[r, :comp_len[r]], ref[n - 1:n - 1 + comp_len[r]],
                                    atol=2e-5, rtol=1e-5)
     # without DeepStack the logits differ: the test would see a dropped side input
-    x, side = model.embed_for_decoder(inputs)
-    h = model.model(x, inputs["position_ids"], inputs["attention_mask"], model.options)
-    h_side = model.model(x, inputs["position_ids"], inputs["attention_mask"], model.options,
-                         side=side)
+    @nnx.jit
+    def with_and_without(model, inputs):
+        x, side = model.embed_for_decoder(inputs)
+        args = (x, inputs["position_ids"], inputs["attention_mask"], model.options)
+        return model.model(*args), model.model(*args, side=side)
+
+    h, h_side = with_and_without(model, inputs)
     assert float(jnp.abs(h - h_side).max()) > 1e-3
