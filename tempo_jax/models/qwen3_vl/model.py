@@ -43,6 +43,7 @@ from tempo_jax.models.layers import (
     segment_attention,
     vision_rotary,
 )
+from tempo_jax.models.qwen3_vl import positions as pos_lib
 from tempo_jax.models.qwen3_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata
 from tempo_jax.sharding import constrain
@@ -429,22 +430,7 @@ def _np(x):
     return host_array(x, "Qwen3VL.__call__")
 
 
-def _text_positions(mask: np.ndarray) -> np.ndarray:
-    """[3, B, L] positions of text-only rows: 0, 1, 2, ... on each row's valid tokens, 1 on
-    padding (what `get_rope_index` gives rows without vision)."""
-    pos = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1)
-    return np.broadcast_to(pos[None], (3, *mask.shape)).astype(np.int32)
-
-
 def _vision_positions(config: ModelConfig, ids, mask, img_grid, vid_grid) -> np.ndarray:
-    try:
-        from tempo_jax.models.qwen3_vl import positions as pos_lib
-    except ImportError as e:
-        raise ImportError(
-            "Qwen3-VL M-RoPE positions for vision inputs need tempo_jax.models.qwen3_vl."
-            "positions (not available); pass position_ids [3, B, L] explicitly (e.g. from "
-            "transformers' Qwen3VLModel.get_rope_index)"
-        ) from e
     pos, _ = pos_lib.rope_index(
         ids, mask, img_grid, vid_grid,
         spatial_merge_size=config.vision.spatial_merge_size,
@@ -490,7 +476,7 @@ def prepare_inputs(
         if pos.ndim == 2:
             pos = np.broadcast_to(pos[None], (3, *pos.shape))
     elif img_grid is None and vid_grid is None:
-        pos = _text_positions(mask)
+        pos = pos_lib.text_positions(mask)
     else:
         pos = _vision_positions(config, ids, mask, img_grid, vid_grid)
     if pos.shape != (3, *ids.shape):
