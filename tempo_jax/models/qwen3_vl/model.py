@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from tempo_jax.models.attention import attention, check_backend
+from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
     LOGITS,
     RESIDUAL,
@@ -486,41 +487,6 @@ def prepare_inputs(
         "attention_mask": mask,
         "position_ids": pos.astype(np.int32),
     }
-    pixels, grids = [], []
-    n_img_feats = 0
-    unit = config.vision.merge_unit
-    for pv, grid, kind, tok in (
-        (pixel_values, img_grid, "image", config.image_token_id),
-        (pixel_values_videos, vid_grid, "video", config.video_token_id),
-    ):
-        if pv is None:
-            continue
-        if grid is None:
-            raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
-        pv = _np(pv).astype(np.float32)
-        grid = grid.reshape(-1, 3)
-        n = int(np.prod(grid, axis=-1).sum())
-        if pv.shape != (n, config.vision.patch_dim):
-            raise ValueError(
-                f"{kind} pixels have shape {pv.shape}, grids {grid.tolist()} need "
-                f"{(n, config.vision.patch_dim)}"
-            )
-        n_tokens = int((ids == tok).sum())
-        if n_tokens != n // unit:
-            raise ValueError(
-                f"{kind} features and {kind} tokens do not match: {n // unit} features, "
-                f"{n_tokens} tokens"
-            )
-        if kind == "image":
-            n_img_feats = n // unit
-        pixels.append(pv)
-        grids.append(grid)
-    if pixels:
-        pv = np.concatenate(pixels)
-        meta = vision_metadata(np.concatenate(grids), config.vision, num_patches=num_patches,
-                               bucketed=bucketed)
-        pad = meta["rot_pos"].shape[0] - pv.shape[0]
-        inputs["pixel_values"] = np.pad(pv, ((0, pad), (0, 0))) if pad else pv
-        inputs["vision_meta"] = meta
-        inputs["num_image_features"] = np.int32(n_img_feats)
-    return inputs
+    return add_vision_inputs(
+        inputs, config, ((pixel_values, img_grid), (pixel_values_videos, vid_grid)),
+        vision_metadata, _np, num_patches=num_patches, bucketed=bucketed)

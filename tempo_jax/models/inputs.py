@@ -1,0 +1,64 @@
+"""Host-side vision inputs, one way for both families: the image and video patches of a
+batch checked against their grids and pad tokens, concatenated into one vision batch (images
+first) and given the family's tower metadata (static, bucketed shapes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def add_vision_inputs(
+    inputs: dict[str, Any],
+    config: Any,
+    items: tuple[tuple[Any, np.ndarray | None], tuple[Any, np.ndarray | None]],
+    vision_metadata: Callable[..., dict],
+    host: Callable[[Any], np.ndarray | None],
+    *,
+    num_patches: int | None = None,
+    bucketed: bool = False,
+) -> dict[str, Any]:
+    """Add `pixel_values`, `vision_meta` and `num_image_features` to `inputs` (which holds
+    `input_ids`) from `items` = ((image pixels, image grids), (video pixels, video grids));
+    a missing kind is `(None, None)`. Errors name what disagrees: pixels without grids, pixel
+    rows that the grids do not add up to, features that the pad tokens do not match."""
+    ids = inputs["input_ids"]
+    unit = config.vision.merge_unit
+    pixels, grids = [], []
+    n_img_feats = 0
+    for (pv, grid), kind, tok in zip(items, ("image", "video"),
+                                     (config.image_token_id, config.video_token_id),
+                                     strict=True):
+        if pv is None:
+            continue
+        if grid is None:
+            raise ValueError(f"{kind} pixels given without {kind}_grid_thw")
+        pv = host(pv).astype(np.float32)
+        grid = grid.reshape(-1, 3)
+        n = int(np.prod(grid, axis=-1).sum())
+        if pv.shape != (n, config.vision.patch_dim):
+            raise ValueError(
+                f"{kind} pixels have shape {pv.shape}, grids {grid.tolist()} need "
+                f"{(n, config.vision.patch_dim)}"
+            )
+        n_tokens = int((ids == tok).sum())
+        if n_tokens != n // unit:
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: {n // unit} features, "
+                f"{n_tokens} tokens"
+            )
+        if kind == "image":
+            n_img_feats = n // unit
+        pixels.append(pv)
+        grids.append(grid)
+    if pixels:
+        pv = np.concatenate(pixels)
+        meta = vision_metadata(np.concatenate(grids), config.vision, num_patches=num_patches,
+                               bucketed=bucketed)
+        pad = meta["rot_pos"].shape[0] - pv.shape[0]  # the padded patch count
+        inputs["pixel_values"] = np.pad(pv, ((0, pad), (0, 0))) if pad else pv
+        inputs["vision_meta"] = meta
+        inputs["num_image_features"] = np.int32(n_img_feats)
+    return inputs
