@@ -171,6 +171,49 @@ class Embed(nnx.Module):
         return self.embedding[...][ids]
 
 
+class CachedDecode:
+    """KV-cache decoding for a text attention module that has `project(x, cos, sin, opts)`
+    -> (q, k, v), `o_proj` and `head_dim` (both families' decoders)."""
+
+    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts: RuntimeOptions):
+        """Attend new tokens written at cache slot `index` (x [B, T, D]) over the cache;
+        `kv_mask` [B, T, S] says which cache slots each new token may read (the prompt's
+        valid tokens and the tokens generated so far, itself included)."""
+        b, seq = x.shape[:2]
+        q, k, v = self.project(x, cos, sin, opts)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        # decoding is bandwidth-bound with one query row: the plain kernel serves every platform
+        out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                        scale=self.head_dim**-0.5, backend="xla", mask=kv_mask)
+        return self.o_proj(out.reshape(b, seq, -1), opts.dtype), cache_k, cache_v
+
+
+class DecoderLayer(nnx.Module):
+    """A pre-norm decoder layer (attention, then the gated MLP) around the family's text
+    attention class; attribute names follow the Hugging Face module tree."""
+
+    def __init__(self, cfg: Any, attention_cls: type, *, param_dtype, rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                       param_dtype=param_dtype)
+        self.self_attn = attention_cls(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
+                            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, valid, opts):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, valid, opts)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), kv
+
+    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts):
+        attn, cache_k, cache_v = self.self_attn.decode(
+            self.input_layernorm(x), cos, sin, cache_k, cache_v, index, kv_mask, opts)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), cache_k, cache_v
+
+
 def segment_attention(q, k, v, index, valid, slot, opts: RuntimeOptions):
     """Bidirectional attention within packed segments (the vision towers' windows / frames).
 

@@ -25,6 +25,8 @@ from tempo_jax.models.layers import (
     LOGITS,
     REMAT_POLICIES,
     RESIDUAL,
+    CachedDecode,
+    DecoderLayer,
     Embed,
     GatedMLP,
     Linear,
@@ -131,7 +133,7 @@ class VisionTower(nnx.Module):
 
 
 # --------------------------------------------------------------------------- text decoder
-class TextAttention(nnx.Module):
+class TextAttention(CachedDecode, nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -165,43 +167,6 @@ class TextAttention(nnx.Module):
         )
         return self.o_proj(out.reshape(b, seq, -1), opts.dtype), (k, v)
 
-    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts: RuntimeOptions):
-        """Attend new tokens written at cache slot `index` (x [B, T, D]) over the cache.
-
-        `kv_mask` [B, T, S] says which cache slots each new token may read (the prompt's
-        valid tokens and the tokens generated so far, itself included).
-        """
-        b, seq = x.shape[:2]
-        q, k, v = self.project(x, cos, sin, opts)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        # decoding is bandwidth-bound with one query row: the plain kernel serves every platform
-        out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
-                        scale=self.head_dim**-0.5, backend="xla", mask=kv_mask)
-        return self.o_proj(out.reshape(b, seq, -1), opts.dtype), cache_k, cache_v
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                                       param_dtype=param_dtype)
-        self.self_attn = TextAttention(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                                                param_dtype=param_dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False,
-                            param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, cos, sin, valid, opts):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, valid, opts)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), kv
-
-    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts):
-        attn, cache_k, cache_v = self.self_attn.decode(
-            self.input_layernorm(x), cos, sin, cache_k, cache_v, index, kv_mask, opts)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), cache_k, cache_v
-
 
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
@@ -209,7 +174,7 @@ class TextModel(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
                                   rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+            [DecoderLayer(cfg, TextAttention, param_dtype=param_dtype, rngs=rngs)
              for _ in range(cfg.num_hidden_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
