@@ -35,6 +35,7 @@ from flax import nnx
 
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.data import prompts as P
+from tempo_jax.grounding.metrics import refusal_auc
 from tempo_jax.models.qwen2_5_vl.positions import text_positions
 from tempo_jax.training import setup
 from tempo_jax.training.optimizer import make_optimizer
@@ -43,12 +44,6 @@ SHAPES = ["circle", "square", "triangle", "star", "diamond"]
 TEMPLATES = ["the {o} appears and moves {m}", "a {o} shows up and slides {m}",
              "the {o} moving {m} across the screen", "when does the {o} move {m}?"]
 MOTIONS = ["to the right", "to the left", "upward", "downward"]
-
-
-def auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties half."""
-    a, b = score[positive], score[~positive]
-    return float((a[:, None] > b[None]).mean() + 0.5 * (a[:, None] == b[None]).mean())
 
 
 def main() -> None:
@@ -145,7 +140,7 @@ def main() -> None:
     curve, t0, loss = [], time.time(), float("nan")
     for s in range(args.steps + 1):
         if s % args.every == 0 or s == args.steps:
-            a = auc(~held_out[3], np.asarray(p_refuse(params, held_out[0], held_out[1])))
+            a = refusal_auc(np.asarray(p_refuse(params, held_out[0], held_out[1])), ~held_out[3])
             curve.append([s, round(a, 3)])
             print(f"step {s}: loss {float(loss):.3f}, AUC of P(refuse) {a:.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
