@@ -18,7 +18,10 @@ answer-format instruction, `<think>I see a X Y.</think><answer>`); `--target ans
 decision is the answer's first token (a digit of a random window, or `none`); `--target
 verdict`: the think's verdict word (`The event ...` / `The query does not ...`), two classes.
 `--prompt short`: a 30-token question after `--pads` video placeholder tokens, target `3` or
-`none`.
+`none`. `--compare`: the think also names the query's object (`I see a X Y. The query asks
+for a Z W.`), so the two colours to compare sit a few tokens before the decision. At the end
+it prints mean P(refuse) for every (colour seen, colour asked for): which colours' comparisons
+were learnt.
 """
 
 from __future__ import annotations
@@ -53,10 +56,15 @@ def main() -> None:
                     help="demo prompt: answer | verdict; short prompt: binary")
     ap.add_argument("--echo", action="store_true",
                     help="demo prompt, answer target: the think also repeats the query")
+    ap.add_argument("--compare", action="store_true",
+                    help="demo prompt, answer target: the think names the video's object, then "
+                         "the query's (`I see a X Y. The query asks for a Z W.`)")
     ap.add_argument("--template", default=None,
                     help="demo prompt: question template (fields {query} and {format})")
     ap.add_argument("--colours", default="red,yellow,green,cyan,blue,magenta")
     ap.add_argument("--pads", type=int, default=30, help="short prompt: video placeholders")
+    ap.add_argument("--hidden-size", type=int, default=0,
+                    help="the tiny model's width (0: the demo's; the MLP is 4x as wide)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=200)
@@ -66,6 +74,9 @@ def main() -> None:
 
     colours = args.colours.split(",")
     config = get_config("tiny")
+    if args.hidden_size:
+        config.model.tiny_overrides.hidden_size = args.hidden_size
+        config.model.tiny_overrides.intermediate_size = 4 * args.hidden_size
     tok = setup.load_tokenizer()
     model = setup.build_model(config)
     kw = {} if args.template is None else {"question_template": args.template}
@@ -73,28 +84,36 @@ def main() -> None:
     enc = lambda s: P.encode_text(tok, s)  # noqa: E731
     rng = np.random.default_rng(0)
 
-    def pair():
+    def pair(colour_pair=None):
         cv, sv = rng.choice(colours), rng.choice(SHAPES)
         rel = rng.random() < 0.5
         cq = cv if rel else rng.choice([x for x in colours if x != cv])
+        if colour_pair is not None:  # (seen, asked), for the per-colour table
+            cv, cq = colour_pair
+            rel = cv == cq
         sq = sv if rel else rng.choice(SHAPES)
         q = rng.choice(TEMPLATES).format(o=f"{cq} {sq}", m=rng.choice(MOTIONS))
-        return cv, sv, bool(rel), q
+        return cv, sv, bool(rel), q, cq, sq
 
-    def example():
-        cv, sv, rel, q = pair()
+    def example(colour_pair=None):
+        cv, sv, rel, q, cq, sq = pair(colour_pair)
         if args.prompt == "short":
             pads = " ".join(["<|video_pad|>"] * args.pads)
+            extra = f" The query asks for a {cq} {sq}." if args.compare else ""
             text = (f"<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n"
                     f"<|vision_start|>{pads}<|vision_end|>Find when: {q}. Answer in seconds."
-                    f"<|im_end|>\n<|im_start|>assistant\n<think>I see a {cv} {sv}.</think>"
+                    f"<|im_end|>\n<|im_start|>assistant\n<think>I see a {cv} {sv}.{extra}</think>"
                     f"<answer>")
             return tok(text)["input_ids"], enc("3" if rel else "none")[0], rel
         s = float(rng.integers(0, 10))
         window = (s, s + float(rng.integers(1, 5))) if rel else None
         caption = f"a {cv} {sv}" + (f". The query: {q}" if args.echo else "")
+        if args.compare:
+            caption = f"a {cv} {sv}. The query asks for a {cq} {sq}"
+        elif args.target == "verdict":
+            caption = f"a {cv} {sv}"
         if args.target == "verdict":
-            pre, target = f"<think>I see a {cv} {sv}. The", (" event" if rel else " query")
+            pre, target = f"<think>I see {caption}. The", (" event" if rel else " query")
         else:
             pre, post = P.format_answer(window, pc, caption=caption).split("<answer>")
             pre, target = pre + "<answer>", post
@@ -103,8 +122,8 @@ def main() -> None:
                + enc("\n") + [P.IM_START_ID] + enc("assistant\n") + enc(pre))
         return ids, enc(target)[0], rel
 
-    def batch(n):
-        ex = [example() for _ in range(n)]
+    def batch(n, colour_pair=None):
+        ex = [example(colour_pair) for _ in range(n)]
         width = max(len(e[0]) for e in ex)
         ids = np.zeros((n, width), np.int32)
         mask = np.zeros((n, width), np.int32)
@@ -146,8 +165,17 @@ def main() -> None:
                   f"({time.time() - t0:.0f} s)", flush=True)
         if s < args.steps:
             params, opt, loss = step(params, opt, *batch(16)[:3])
+    # mean P(refuse) by the colour the think names (rows) and the colour the query asks for
+    # (columns), 8 pairs each: which colours' comparisons were learnt
+    table = np.array([[float(np.mean(np.asarray(p_refuse(params, *batch(8, (cv, cq))[:2]))))
+                       for cq in colours] for cv in colours])
+    print("P(refuse): rows the colour seen, columns the colour asked for")
+    print("\n".join(f"{cv:>8} " + " ".join(f"{x:5.2f}" for x in row)
+                     for cv, row in zip(colours, table, strict=True)))
     print(json.dumps({"prompt": args.prompt, "target": args.target, "echo": args.echo,
-                      "colours": len(colours), "lr": args.lr, "steps": args.steps,
+                      "compare": args.compare, "hidden_size": args.hidden_size,
+                      "colours": len(colours), "lr": args.lr,
+                      "colour_table": np.round(table, 3).tolist(), "steps": args.steps,
                       "auc_curve": curve, "wall_s": round(time.time() - t0)}))
 
 
