@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--echo", action="store_true",
                     help="demo prompt, answer target: the think also repeats the query")
     ap.add_argument("--compare", action="store_true",
-                    help="demo prompt, answer target: the think names the video's object, then "
-                         "the query's (`I see a X Y. The query asks for a Z W.`)")
+                    help="the think names the video's object, then the query's (`I see a X Y. "
+                         "The query asks for a Z W.`)")
     ap.add_argument("--template", default=None,
                     help="demo prompt: question template (fields {query} and {format})")
     ap.add_argument("--colours", default="red,yellow,green,cyan,blue,magenta")
@@ -107,11 +107,11 @@ def main() -> None:
             return tok(text)["input_ids"], enc("3" if rel else "none")[0], rel
         s = float(rng.integers(0, 10))
         window = (s, s + float(rng.integers(1, 5))) if rel else None
-        caption = f"a {cv} {sv}" + (f". The query: {q}" if args.echo else "")
+        caption = f"a {cv} {sv}"
         if args.compare:
-            caption = f"a {cv} {sv}. The query asks for a {cq} {sq}"
-        elif args.target == "verdict":
-            caption = f"a {cv} {sv}"
+            caption += f". The query asks for a {cq} {sq}"
+        elif args.echo and args.target == "answer":
+            caption += f". The query: {q}"
         if args.target == "verdict":
             pre, target = f"<think>I see {caption}. The", (" event" if rel else " query")
         else:
