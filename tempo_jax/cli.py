@@ -115,3 +115,14 @@ def _typed(key: str, old: Any, value: str) -> Any:
     except ValueError:
         raise UsageError(f"{key} expects {type(old).__name__}, got {value!r}") from None
     return value
+
+
+def setup_logging(level: int = 20) -> None:
+    """Log at `level` (INFO) to stderr. `basicConfig` alone is not enough: a library's
+    module-level `logging.warning` at import time already gave the root logger a handler at
+    WARNING, which silenced every INFO line (e.g. "resuming from checkpoint N")."""
+    import logging
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-read INFO lines

@@ -138,3 +138,14 @@ def agree_with_main(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing on one): what process 0 did to a shared
+    filesystem before it (a move, a removal) is done for everyone after it."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

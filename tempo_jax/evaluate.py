@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tempo_jax import fileio
+from tempo_jax import cli, fileio
 from tempo_jax.grounding.metrics import (
     QVH_IOU_THRESHOLDS,
     QVH_SALIENCY_LEVELS,
@@ -386,8 +386,7 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run `run`: load the model and records, answer, score, print the summary."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-read INFO lines
+    cli.setup_logging(logging.INFO)
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
     if not Path(args.video_root).is_dir():

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tempo_jax import cli
 from tempo_jax.training.checkpoints import (  # noqa: F401  (the workdir readers, re-exported)
     available_steps,
     load_config,
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                     help="checkpoint step (default: the latest)")
     ap.add_argument("--out", required=True, help="output Hugging Face directory")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cli.setup_logging(logging.INFO)
     out = export(args.checkpoint, args.out, args.step)
     print(out)
     return out

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tempo_jax import cli
 from tempo_jax.cli import UsageError
 from tempo_jax.data.video import VideoError
 
@@ -258,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; a user's mistake is one `error:` line on stderr and exit status 2,
     an unreadable video one line and exit status 1 (the other videos are answered)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cli.setup_logging(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         if args.batch_size < 1 or args.max_new_tokens < 1:

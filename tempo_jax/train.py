@@ -13,9 +13,9 @@ import json
 import logging
 from collections.abc import Sequence
 
-from tempo_jax import cli
+from tempo_jax import cli, fileio
 from tempo_jax.data.pipeline import NoUsableData
-from tempo_jax.training.trainer import REPORT_KEYS, run
+from tempo_jax.training.trainer import REPORT_KEYS, NoSpace, NothingToResume, run
 
 __all__ = ["REPORT_KEYS", "main", "run"]
 
@@ -24,8 +24,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """`python -m tempo_jax.train [--config FILE:ARG] [--workdir DIR] [--config.a.b=V ...]`.
 
     A mistake in the arguments or the data (an unknown config size or field, a value of the
-    wrong type, an annotation file with no usable line) is one `error:` line and exit
-    status 2; SIGTERM exits 0 once its checkpoint is committed."""
+    wrong type, an annotation file with no usable line), a workdir another trainer is
+    writing, a full disk, or a workdir none of whose checkpoints reads back is one `error:`
+    line and exit status 2; SIGTERM exits 0 once its checkpoint is committed."""
     import argparse
 
     from absl import flags
@@ -46,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = cli.load_config(args.config)
     cli.apply_overrides(config, rest)
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli.setup_logging(logging.INFO)
     distributed.initialize(force=args.multihost)
     report = run(config, args.workdir)
     print(json.dumps(report))  # preempted: exit 0 after the committed checkpoint
@@ -55,4 +55,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(main, user_errors=(NoUsableData,))
+    cli.run_main(main, user_errors=(NoUsableData, NothingToResume, NoSpace, fileio.Busy))

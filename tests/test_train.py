@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.safetensors_io import CheckpointReader
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import optimizer, setup, sft, steps
-from tempo_jax.training.metrics_logger import MetricsLogger
+from tempo_jax.training.metrics_logger import MetricsLogger, tensorboard_scalars
 from tempo_jax.training.trainer import Trainer
 
 SMALL = {
@@ -85,20 +84,7 @@ def _model_params(model) -> dict:
 
 
 def _tb_scalars(workdir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of every scalar in the TensorBoard event files (TFRecord framing: length,
-    its CRC, the Event proto, its CRC)."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for f in sorted((workdir / "tb").glob("events.out.tfevents.*")):
-        data, i = f.read_bytes(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            ev = event_pb2.Event()
-            ev.ParseFromString(data[i + 12:i + 12 + n])
-            out += [(v.tag, ev.step) for v in ev.summary.value]
-            i += 12 + n + 4
-    return out
+    return tensorboard_scalars(workdir / "tb")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ the stage -> global step numbering, restores, the reference model, and reading a
 model back (export, evaluation).
 
 A save cut short leaves `<step>.orbax-checkpoint-tmp`: never listed or restored, and removed
-when the next run opens the manager.
+when the next run opens the manager. A committed checkpoint that cannot be read back (a
+truncated or deleted array file, corrupt metadata) is moved to `ckpt.damaged/` once an older
+one is found that reads (`Trainer.run`), never restored from and never silently skipped.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tempo_jax.distributed import is_main, sync
 from tempo_jax.training import setup
 
 log = logging.getLogger("tempo_jax.train")
@@ -44,19 +50,36 @@ def restore_params(manager, step: int, params: nnx.State) -> dict:
 
 
 
+class DamagedCheckpoint(Exception):
+    """A committed checkpoint that cannot be read back."""
+
+    def __init__(self, step: int, cause: BaseException):
+        self.step, self.cause = step, cause
+        first = " ".join(str(cause).split())[:300]
+        super().__init__(f"checkpoint {step} cannot be read ({type(cause).__name__}: {first})")
+
+
 class Checkpoints:
     """The checkpoint manager of one workdir, numbered by global step: the stages of
-    `config.stages` one after another (SFT steps, then SFT + GRPO steps)."""
+    `config.stages` one after another (SFT steps, then SFT + GRPO steps).
+
+    The last `ckpt_keep` checkpoints are kept, and the one that ends SFT when GRPO follows:
+    it is GRPO's frozen reference, which a resume in the middle of GRPO must read again."""
 
     def __init__(self, directory: Path, config: ml_collections.ConfigDict):
         import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as policies
 
         self.config = config
+        self.directory = Path(directory).absolute()
+        keep: list = [policies.LatestN(n=config.ckpt_keep)]
+        if "grpo" in self.stages()[1:] and "sft" in self.stages():
+            keep.append(policies.CustomSteps(steps=[self.global_step("grpo", 0)]))
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.ckpt_keep,
-                                                 enable_async_checkpointing=True,
-                                                 cleanup_tmp_directories=True),
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=True, cleanup_tmp_directories=True),
         )
 
     def stages(self) -> list[str]:
@@ -103,8 +126,10 @@ class Checkpoints:
     def restore_params(self, step: int, params: nnx.State) -> dict:
         return restore_params(self.manager, step, params)
 
-    def restore_into(self, step: int, params: nnx.State, opt_state, rng):
-        """Load checkpoint `step`'s parameters into `params`; returns its (opt_state, rng)."""
+    def read(self, step: int, params: nnx.State, opt_state, rng) -> tuple[dict, Any, Any]:
+        """Checkpoint `step` read whole: (parameters as a pure dict, opt_state, rng), shaped
+        and placed like the arguments (any optimizer state of the same tree). Nothing is
+        changed, so a read that fails half-way leaves the caller's state as it was."""
         import orbax.checkpoint as ocp
 
         abstract = {"params": params.to_pure_dict(), "opt_state": opt_state, "rng": rng}
@@ -113,8 +138,36 @@ class Checkpoints:
             state=ocp.args.PyTreeRestore(
                 item=abstract,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))["state"]
-        nnx.replace_by_pure_dict(params, got["params"])
-        return got["opt_state"], got["rng"]
+        return got["params"], got["opt_state"], got["rng"]
+
+    def restore_into(self, step: int, params: nnx.State, opt_state, rng):
+        """Load checkpoint `step`'s parameters into `params`; returns its (opt_state, rng)."""
+        got, opt_state, rng = self.read(step, params, opt_state, rng)
+        nnx.replace_by_pure_dict(params, got)
+        return opt_state, rng
+
+    def quarantine(self, step: int, why: str) -> Path:
+        """Move the damaged checkpoint `step` out of the manager's sight, into
+        `ckpt.damaged/<step>-<time>` beside `ckpt/` (kept for inspection, never deleted)."""
+        dest = self.directory.with_name(self.directory.name + ".damaged") / (
+            f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if is_main():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(dest))
+            (dest.parent / f"{dest.name}.why.txt").write_text(why + "\n")
+        sync("tempo_jax.quarantine")
+        self.manager.reload()
+        return dest
+
+    def discard_uncommitted(self) -> list[str]:
+        """Remove the `<step>.orbax-checkpoint-tmp` directories of saves that never committed
+        (after a failed save, e.g. a full disk: they hold space and nothing restorable)."""
+        gone = []
+        if is_main():
+            for p in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+        return gone
 
     def reference(self, params: nnx.State) -> nnx.State:
         """GRPO's frozen reference: the policy at the start of GRPO, i.e. the checkpoint saved

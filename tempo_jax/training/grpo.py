@@ -150,9 +150,9 @@ def run_grpo(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | N
     rng = jax.random.PRNGKey(c.seed + 1)
     ref_params = jax.tree.map(jnp.copy, trainer.params) if rc.beta > 0 else None
     if resume_ckpt is not None:
-        opt_state, rng = trainer.ckpt.restore_into(resume_ckpt, trainer.params, opt_state, rng)
+        opt_state, rng = trainer.resumed_state(resume_ckpt, opt_state, rng)
         if rc.beta > 0:
-            ref_params = trainer.ckpt.reference(trainer.params)
+            ref_params = trainer.reference_params()
     g = rc.num_generations
     rounds = 1 + (max(0, rc.get("max_refills", 0)) if rc.get("filter_groups") else 0)
     sampler = data_lib.PirSampler(data, trainer.tokenizer, vision)

@@ -37,12 +37,19 @@ def run_stage(trainer: Any, stage: str, title: str, step0: int, total: int,
     `log_every` steps the mean of each metric over the steps since the last row (NaN, e.g.
     a refusal rate with no irrelevant prompt, left out of the mean). Returns
     `{"skipped_updates": n, "preempted": bool}`; preempted when SIGTERM stopped it (its
-    checkpoint saved and committed)."""
+    checkpoint saved and committed).
+
+    The metrics gathered since the last row, and the count of skipped updates, are saved with
+    every checkpoint and taken back on resume (`trainer.log_window`): a run restarted from a
+    checkpoint in the middle of a logging window logs the row an uninterrupted run logs (the
+    timings, step_time and tokens_per_s, count this process's steps only)."""
     from tqdm import tqdm
 
     every = max(1, log_every)
-    skipped, tokens, since = 0, 0, 0
-    sums: dict[str, list[float]] = {}
+    window = trainer.log_window(stage, step0)
+    skipped, since = window.get("skipped", 0), window.get("since", 0)
+    sums: dict[str, list[float]] = {k: list(v) for k, v in window.get("sums", {}).items()}
+    tokens, timed = 0, 0  # this process's, for the timings
     t_last = time.perf_counter()
     bar = tqdm(range(step0, total), desc=title, initial=step0, total=total, file=sys.stdout,
                mininterval=2)
@@ -56,6 +63,7 @@ def run_stage(trainer: Any, stage: str, title: str, step0: int, total: int,
                             title, step, res.skipped)
             tokens += res.tokens
             since += 1
+            timed += 1
             for k, v in res.metrics.items():
                 sums.setdefault(k, []).append(float(v))
             if (step + 1) % every == 0 or step + 1 == total:
@@ -65,13 +73,14 @@ def run_stage(trainer: Any, stage: str, title: str, step0: int, total: int,
                 metrics["skipped_updates"] = skipped
                 if loader is not None:
                     metrics["skipped_examples"] = loader.skipped
-                metrics["step_time"] = (now - t_last) / since
+                metrics["step_time"] = (now - t_last) / timed
                 metrics["tokens_per_s"] = tokens / max(now - t_last, 1e-9)
-                t_last, tokens, since = now, 0, 0
+                t_last, tokens, since, timed = now, 0, 0, 0
                 trainer.logger.log(stage, step + 1, metrics)
                 if postfix is not None:
                     bar.set_postfix(**postfix(metrics))
-            if trainer.checkpoint_step(stage, step, total, opt_state, rng, loader):
+            if trainer.checkpoint_step(stage, step, total, opt_state, rng, loader,
+                                       {"sums": sums, "since": since, "skipped": skipped}):
                 return {"skipped_updates": skipped, "preempted": True}
     return {"skipped_updates": skipped, "preempted": False}
 

@@ -56,7 +56,7 @@ def run_sft(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | No
     opt_state = steps.tx.init(trainer.params)
     rng = jax.random.PRNGKey(c.seed)
     if resume_ckpt is not None:
-        opt_state, rng = trainer.ckpt.restore_into(resume_ckpt, trainer.params, opt_state, rng)
+        opt_state, rng = trainer.resumed_state(resume_ckpt, opt_state, rng)
     sampler = data_lib.PirSampler(data, trainer.tokenizer, vision)
 
     def micro_batches(step: int) -> list[dict]:
