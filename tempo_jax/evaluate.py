@@ -262,9 +262,11 @@ def evaluate_model(
 ) -> dict:
     """Greedy answers for `records`, the submission file, metrics and a timeline in `out_dir`.
 
-    Resumable: qids already answered in `answers.jsonl` are skipped. A record whose video is
-    missing or broken is answered `[[0, 0, 0]]`, counted in `num_failed` and listed with its
-    reason; it stays in every denominator.
+    Resumable, at any instant: qids already answered in `answers.jsonl` are skipped and a
+    line torn by a kill is dropped, so every query is answered exactly once however often it
+    is killed and rerun. One evaluation per `out_dir` at a time (`fileio.Busy` names the
+    other). A record whose video is missing or broken is answered `[[0, 0, 0]]`, counted in
+    `num_failed` and listed with its reason; it stays in every denominator.
     """
     from tqdm import tqdm
 
@@ -272,45 +274,43 @@ def evaluate_model(
     from tempo_jax.data.prompts import load_tokenizer
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load_checkpoint(checkpoint, step=step, dtype=dtype)
-    settings = apply_overrides(loaded.settings, overrides)
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    answers_path = out / "answers.jsonl"
-    done = {q: r for q, r in _read_rows(answers_path).items() if not r.get("error")}
-    if answers_path.exists():  # drop a torn last line and retried failures before appending
-        tmp = answers_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-        tmp.replace(answers_path)
-    todo = [r for r in records if str(r["qid"]) not in done]
-    tok = load_tokenizer(None, family=families.family_of(loaded.model))
-    if todo:
-        pcfg = config_from_settings(
-            settings, batch_size=batch_size, with_answer=False, pad_side="left", shuffle=False,
-            num_epochs=1, num_workers=num_workers)
-        loader = make_loader(todo, video_root, pcfg, loaded.model.config.vision)
-        bar = tqdm(total=len(todo), desc="evaluating", unit="query", file=sys.stdout,
-                   mininterval=2)
-        with open(answers_path, "a") as f:
-            for batch_rows in answer_rows(loaded.model, loader, tok, max_new_tokens):
-                for row in batch_rows:
-                    f.write(json.dumps(row) + "\n")
-                    done[str(row["qid"])] = row
-                f.flush()
-                bar.update(len(batch_rows))
-            failed = dict(loader.skip_counter.failed)
-            for r in todo:  # broken or missing videos: answered as a refusal, never dropped
-                if str(r["qid"]) not in done:
-                    reason = failed.get(str(r["qid"]), "not loaded")
-                    row = {"qid": str(r["qid"]), "video": r["video"], "query": r["query"],
-                           "windows": r.get("windows", []), "duration": r.get("duration"),
-                           "relevant": bool(r.get("relevant", True)), "answer": "",
-                           "parsed": None, "error": reason}
-                    f.write(json.dumps(row) + "\n")
-                    done[str(r["qid"])] = row
-        bar.close()
-    rows = [done[str(r["qid"])] for r in records]
-    return _finish(rows, records, out, dataset, timeline, ground_truth)
+    with fileio.exclusive(out, "evaluate run"):  # one writer of answers.jsonl at a time
+        loaded = loaded or load_checkpoint(checkpoint, step=step, dtype=dtype)
+        settings = apply_overrides(loaded.settings, overrides)
+        fileio.write_text(out / "settings.json", json.dumps(settings, indent=2))
+        answers_path = out / "answers.jsonl"
+        done = {q: r for q, r in _read_rows(answers_path).items() if not r.get("error")}
+        if answers_path.exists():  # drop a torn last line and retried failures before appending
+            fileio.write_text(answers_path, "".join(json.dumps(r) + "\n" for r in done.values()))
+        todo = [r for r in records if str(r["qid"]) not in done]
+        tok = load_tokenizer(None, family=families.family_of(loaded.model))
+        if todo:
+            pcfg = config_from_settings(
+                settings, batch_size=batch_size, with_answer=False, pad_side="left", shuffle=False,
+                num_epochs=1, num_workers=num_workers)
+            loader = make_loader(todo, video_root, pcfg, loaded.model.config.vision)
+            bar = tqdm(total=len(todo), desc="evaluating", unit="query", file=sys.stdout,
+                       mininterval=2)
+            with open(answers_path, "a") as f:
+                for batch_rows in answer_rows(loaded.model, loader, tok, max_new_tokens):
+                    for row in batch_rows:
+                        f.write(json.dumps(row) + "\n")
+                        done[str(row["qid"])] = row
+                    f.flush()
+                    bar.update(len(batch_rows))
+                failed = dict(loader.skip_counter.failed)
+                for r in todo:  # broken or missing videos: answered as a refusal, never dropped
+                    if str(r["qid"]) not in done:
+                        reason = failed.get(str(r["qid"]), "not loaded")
+                        row = {"qid": str(r["qid"]), "video": r["video"], "query": r["query"],
+                               "windows": r.get("windows", []), "duration": r.get("duration"),
+                               "relevant": bool(r.get("relevant", True)), "answer": "",
+                               "parsed": None, "error": reason}
+                        f.write(json.dumps(row) + "\n")
+                        done[str(r["qid"])] = row
+            bar.close()
+        rows = [done[str(r["qid"])] for r in records]
+        return _finish(rows, records, out, dataset, timeline, ground_truth)
 
 
 def _finish(rows: list[dict], records: Sequence[dict], out: Path, dataset: str,
@@ -429,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, fileio.Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import signal
 import time
 from pathlib import Path
@@ -342,21 +343,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 
 def _no_space(e: BaseException, workdir: Path) -> NoSpace:
-    """The full disk as one message: where, and which checkpoint is intact (the half-written
-    save removed: it holds space and nothing restorable)."""
+    """The full disk as one message: where, what was being written, which checkpoint is
+    intact (a half-written save is removed: it holds space and nothing restorable)."""
     import shutil
 
     ckpt = workdir / "ckpt"
-    for p in ckpt.glob("*.orbax-checkpoint-tmp*"):
+    partial = sorted(ckpt.glob("*.orbax-checkpoint-tmp*")) if ckpt.is_dir() else []
+    for p in partial:
         shutil.rmtree(p, ignore_errors=True)
-    committed = sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit()) \
+    committed = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) \
         if ckpt.is_dir() else []
     free = shutil.disk_usage(workdir).free / 2**20
-    intact = (f"the last committed checkpoint, {committed[-1]}, is intact and the run resumes "
+    saving = {p.name.split(".", 1)[0] for p in partial}
+    saving |= set(re.findall(r"/(\d+)\.orbax-checkpoint-tmp", str(e)))
+    what = (f"while saving checkpoint {', '.join(sorted(saving))} (its partial files removed)"
+            if saving else f"({' '.join(str(e).split())[-160:]})")
+    intact = (f"checkpoint {committed[-1]} (the last committed) is intact and the run resumes "
               "from it" if committed else "no checkpoint was committed yet")
-    return NoSpace(f"no space left on device under {workdir} ({free:.0f} MiB free): "
-                   f"{' '.join(str(e).split())[:200]}; {intact}; free some space and rerun "
-                   "with the same --workdir")
+    return NoSpace(f"no space left on device under {workdir} {what}; {intact}; "
+                   f"{free:.0f} MiB free: free some space and rerun with the same --workdir")
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, main: bool) -> dict:
