@@ -1,7 +1,7 @@
 """Kill training anywhere: SIGKILL `python -m tempo_jax.train` at random instants, restart it on
 the same workdir until it completes, and compare the result with an uninterrupted run.
 
-    python scripts/chaos.py                       # 30 kills, runs/chaos/{reference,chaos}
+    python scripts/chaos.py                       # 30 kills, runs/chaos/{reference,chaos0,...}
     python scripts/chaos.py --kills 5 --seed 1 --out /tmp/chaos
 
 The run is a small tiny-model config (both stages, checkpoints every 2 steps, a logging window
@@ -11,7 +11,9 @@ with probability `--p-save` it waits for a checkpoint save to start (the child m
 `Checkpoints.save`, and Orbax's commit is slowed by `--commit-delay` seconds, as on a slow
 bucket) and kills it before the commit; otherwise it kills at a uniform instant over the
 reference run's wall time, so start-up, steps, saves, evaluations, export and report are all
-hit. After the last kill the run finishes undisturbed. Both runs use the same synthetic
+hit. A life that completes before its kill instant completes the run; while fewer than
+`--kills` kills have landed, a new round starts (a fresh workdir, the schedule's seed + the
+round), each round checked on its own. Both runs use the same synthetic
 videos (the chaos workdir gets a copy of the reference's data; the generator writes each file
 aside and renames it, so it is kill-safe too).
 
@@ -22,7 +24,8 @@ the same values (but the timings); TensorBoard with each scalar once; the same c
 listed, no `*.orbax-checkpoint-tmp` or staging file left; and every restart resumed from the
 newest checkpoint committed when it was killed. Figures: kills survived / tried, kills that
 landed inside a save (a `-tmp` directory was there after the kill), steps recomputed, wall
-overhead. Writes `chaos.json` under `--out`.
+overhead (the rounds' wall time over as many uninterrupted runs). Writes `chaos.json` under
+`--out`.
 """
 
 from __future__ import annotations
@@ -311,20 +314,25 @@ def resumes_ok(lives: list[dict]) -> tuple[bool, str]:
     return not bad, f"mismatches (life, resumed, committed): {bad}"
 
 
-def summarize(result: dict, reference_wall: float, steps_total: int) -> dict:
-    lives = result["lives"]
+def summarize(rounds: list[dict], reference_wall: float, steps_total: int) -> dict:
+    """The figures over every round (a round: one run killed and restarted to completion)."""
+    lives = [life for r in rounds for life in r["lives"]]
     kills = [life for life in lives if life["killed"]]
     recomputed = 0
-    for prev, nxt in zip(lives, lives[1:], strict=False):
-        if prev["killed"] and prev["progress"] is not None:
-            recomputed += max(0, prev["progress"] - (nxt["resumed_from"] or 0))
+    for r in rounds:
+        for prev, nxt in zip(r["lives"], r["lives"][1:], strict=False):
+            if prev["killed"] and prev["progress"] is not None:
+                recomputed += max(0, prev["progress"] - (nxt["resumed_from"] or 0))
+    wall = sum(r["wall_s"] for r in rounds)
     return {
-        "kills": len(kills), "survived": len(kills) if lives[-1]["rc"] == 0 else 0,
+        "rounds": len(rounds), "kills": len(kills),
+        "survived": sum(sum(life["killed"] for life in r["lives"]) for r in rounds
+                        if r["lives"][-1]["rc"] == 0 and r["passed"]),
         "kills_in_save": sum(life["in_save"] for life in kills),
         "kills_aimed_at_save": sum(life["mode"] == "save" for life in kills),
-        "lives": len(lives), "steps": steps_total, "steps_recomputed": recomputed,
-        "wall_s": round(result["wall_s"], 1), "reference_wall_s": round(reference_wall, 1),
-        "wall_overhead": round(result["wall_s"] / reference_wall, 2),
+        "lives": len(lives), "steps_per_run": steps_total, "steps_recomputed": recomputed,
+        "wall_s": round(wall, 1), "reference_wall_s": round(reference_wall, 1),
+        "wall_overhead": round(wall / (len(rounds) * reference_wall), 2),
     }
 
 
@@ -354,24 +362,33 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
     ref = out / "reference"
     ref_wall = reference_run(ref, args.commit_delay, config, log)
-    result = chaos_run(out / "chaos", ref / "data", kills=args.kills, seed=args.seed,
-                       delay=args.commit_delay, p_save=args.p_save, horizon=ref_wall,
-                       config=config, log=log)
-    checks = compare(ref, out / "chaos")
-    checks["every restart resumed from the newest committed checkpoint"] = resumes_ok(
-        result["lives"])
+    rounds: list[dict] = []
+    while sum(r["kills"] for r in rounds) < args.kills:  # a run ends with few kills left
+        k = len(rounds)
+        result = chaos_run(out / f"chaos{k}", ref / "data",
+                           kills=args.kills - sum(r["kills"] for r in rounds),
+                           seed=args.seed + k, delay=args.commit_delay, p_save=args.p_save,
+                           horizon=ref_wall, config=config, log=log)
+        checks = compare(ref, out / f"chaos{k}")
+        checks["every restart resumed from the newest committed checkpoint"] = resumes_ok(
+            result["lives"])
+        result["kills"] = sum(life["killed"] for life in result["lives"])
+        result["passed"] = all(ok for ok, _ in checks.values())
+        result["checks"] = {name: list(v) for name, v in checks.items()}
+        rounds.append(result)
+        log(f"round {k}: {result['kills']} kills, "
+            f"{'all checks pass' if result['passed'] else 'FAILED'}")
+        for name, (ok, detail) in checks.items():
+            log(f"  {'PASS' if ok else 'FAIL'}  {name}{'  (' + detail + ')' if detail else ''}")
     steps = int(config["sft.steps"]) + int(config["rl.steps"])
-    summary = summarize(result, ref_wall, steps)
-    print()
-    for name, (ok, detail) in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {name}{'  (' + detail + ')' if detail else ''}")
-    print()
+    summary = summarize(rounds, ref_wall, steps)
+    log("")
     for k, v in summary.items():
-        print(f"{k:>22}: {v}")
+        log(f"{k:>22}: {v}")
     (out / "chaos.json").write_text(json.dumps(
-        {"summary": summary, "checks": {k: list(v) for k, v in checks.items()},
-         "config": config, "seed": args.seed, "lives": result["lives"]}, indent=2))
-    return 0 if all(ok for ok, _ in checks.values()) else 1
+        {"summary": summary, "config": config, "seed": args.seed, "rounds": rounds},
+        indent=2))
+    return 0 if all(r["passed"] for r in rounds) else 1
 
 
 if __name__ == "__main__":

@@ -126,3 +126,4 @@ def setup_logging(level: int = 20) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger().setLevel(level)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-read INFO lines
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # "r1@0.5 is illegal" x 3

@@ -112,11 +112,6 @@ class Checkpoints:
         self.manager.save(self.global_step(stage, step), args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def latest(self) -> tuple[int, dict] | None:
-        """(checkpoint step, its metadata) of the latest checkpoint, or None."""
-        step = self.manager.latest_step()
-        return None if step is None else (step, self.meta(step))
-
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -158,16 +153,6 @@ class Checkpoints:
         sync("tempo_jax.quarantine")
         self.manager.reload()
         return dest
-
-    def discard_uncommitted(self) -> list[str]:
-        """Remove the `<step>.orbax-checkpoint-tmp` directories of saves that never committed
-        (after a failed save, e.g. a full disk: they hold space and nothing restorable)."""
-        gone = []
-        if is_main():
-            for p in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p.name)
-        return gone
 
     def reference(self, params: nnx.State) -> nnx.State:
         """GRPO's frozen reference: the policy at the start of GRPO, i.e. the checkpoint saved

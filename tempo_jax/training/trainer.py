@@ -39,7 +39,7 @@ from tempo_jax.distributed import agree_with_main, is_main
 from tempo_jax.models import families
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import evaluation, report
-from tempo_jax.training.checkpoints import Checkpoints, DamagedCheckpoint
+from tempo_jax.training.checkpoints import Checkpoints, DamagedCheckpoint, uncommitted_steps
 from tempo_jax.training.grpo import run_grpo
 from tempo_jax.training.hf_export import check_out_dir, save_hf
 from tempo_jax.training.metrics_logger import MetricsLogger
@@ -347,19 +347,18 @@ def _no_space(e: BaseException, workdir: Path) -> NoSpace:
     intact (a half-written save is removed: it holds space and nothing restorable)."""
     import shutil
 
+    partial = uncommitted_steps(workdir)
+    for path in partial.values():
+        shutil.rmtree(path, ignore_errors=True)
     ckpt = workdir / "ckpt"
-    partial = sorted(ckpt.glob("*.orbax-checkpoint-tmp*")) if ckpt.is_dir() else []
-    for p in partial:
-        shutil.rmtree(p, ignore_errors=True)
     committed = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) \
         if ckpt.is_dir() else []
-    free = shutil.disk_usage(workdir).free / 2**20
-    saving = {p.name.split(".", 1)[0] for p in partial}
-    saving |= set(re.findall(r"/(\d+)\.orbax-checkpoint-tmp", str(e)))
-    what = (f"while saving checkpoint {', '.join(sorted(saving))} (its partial files removed)"
-            if saving else f"({' '.join(str(e).split())[-160:]})")
+    saving = set(partial) | {int(s) for s in re.findall(r"/(\d+)\.orbax-checkpoint-tmp", str(e))}
+    what = (f"while saving checkpoint {', '.join(map(str, sorted(saving)))} (its partial files "
+            "removed)" if saving else f"({' '.join(str(e).split())[-160:]})")
     intact = (f"checkpoint {committed[-1]} (the last committed) is intact and the run resumes "
               "from it" if committed else "no checkpoint was committed yet")
+    free = shutil.disk_usage(workdir).free / 2**20
     return NoSpace(f"no space left on device under {workdir} {what}; {intact}; "
                    f"{free:.0f} MiB free: free some space and rerun with the same --workdir")
 
