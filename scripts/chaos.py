@@ -152,6 +152,7 @@ def chaos_run(workdir: Path, data: Path, *, kills: int, seed: int, delay: float,
         marker.unlink(missing_ok=True)
         n_killed = sum(life["killed"] for life in lives)
         before = committed(workdir)
+        lines_before = len(progress.read_text().split()) if progress.exists() else 0
         mode = None
         if n_killed < kills:
             mode = modes[n_killed] if modes else ("save" if rng.random() < p_save
@@ -177,7 +178,9 @@ def chaos_run(workdir: Path, data: Path, *, kills: int, seed: int, delay: float,
                 "killed": killed, "rc": rc, "committed_before": before,
                 "resumed_from": int(m.group(1)) if m else None,
                 "committed_after": committed(workdir), "in_save": killed and bool(left),
-                "uncommitted_left": left, "progress": done}
+                "uncommitted_left": left, "progress": done,
+                "steps_run": (len(progress.read_text().split()) if progress.exists() else 0)
+                - lines_before}
         lives.append(life)
         log(f"life {life['life']:3d}: {mode or 'to the end':8s} "
             f"{'killed' if killed else f'exit {rc}':8s} at {wall:6.1f} s; resumed from "
@@ -306,11 +309,16 @@ def compare(reference: Path, other: Path) -> dict[str, tuple[bool, str]]:
 
 
 def resumes_ok(lives: list[dict]) -> tuple[bool, str]:
-    """Every restart resumed from the newest checkpoint committed when it started."""
-    bad = [(life["life"], life["resumed_from"], life["committed_before"])
-           for life in lives[1:]
-           if life["resumed_from"] != (life["committed_before"][-1]
-                                       if life["committed_before"] else None)]
+    """Every restart that trained resumed from the newest checkpoint committed when it
+    started (a life killed during start-up, before it read its checkpoint, never said where
+    it resumed, and trained nothing)."""
+    bad = []
+    for prev, life in zip(lives, lives[1:], strict=False):
+        want = life["committed_before"][-1] if life["committed_before"] else None
+        trained = (life["steps_run"] > 0 if "steps_run" in life  # (older records: progress)
+                   else (life["progress"] or 0) > (prev["progress"] or 0)) or not life["killed"]
+        if trained and life["resumed_from"] != want:
+            bad.append((life["life"], life["resumed_from"], life["committed_before"]))
     return not bad, f"mismatches (life, resumed, committed): {bad}"
 
 

@@ -364,8 +364,8 @@ def test_export_killed_mid_write_leaves_the_previous_export(sft_run, tmp_path):
                             start_new_session=True)
     staged = []
     while proc.poll() is None and not staged:
-        staged = list(tmp_path.glob(".hf.partial-*/*.safetensors"))
-        time.sleep(0.01)
+        staged = list(tmp_path.glob(".hf.partial-*"))  # the staging directory, being filled
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert staged, "the export finished before it could be killed"
