@@ -80,6 +80,7 @@ def main() -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     import tempo_jax
+    from tempo_jax.models.layers import RuntimeOptions
     from tempo_jax.models.qwen2_5_vl import prepare_inputs, preset
     from tempo_jax.models.qwen2_5_vl.vision_meta import frame_cu_seqlens, window_index
 
@@ -106,6 +107,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         model = tempo_jax.load_pretrained(d, dtype=jnp.float32)
+        scanned = tempo_jax.load_pretrained(  # `model.scan_layers`: timed in the same rounds
+            d, dtype=jnp.float32, options=RuntimeOptions(scan_layers=True))
 
     inputs = prepare_inputs(cfg, ids, pixel_values_videos=pixels, video_grid_thw=grid,
                             second_per_grid_ts=[1.0])
@@ -116,6 +119,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ours_logits = fwd(state, dev_inputs, last).block_until_ready()
     compile_s = time.perf_counter() - t0
+    s_graphdef, s_state = nnx.split(scanned)
+    s_fwd = jax.jit(lambda s, x, p: nnx.merge(s_graphdef, s).forward(x, logits_positions=p))
+    scanned_logits = s_fwd(s_state, dev_inputs, last).block_until_ready()
 
     tkw = dict(
         input_ids=torch.as_tensor(ids), attention_mask=torch.ones(1, seq, dtype=torch.long),
@@ -126,8 +132,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
     ref_logits = ref(**tkw).logits  # warm-up
     err = float(np.abs(np.asarray(ours_logits)[0, -1] - ref_logits[0, -1].numpy()).max())
-    times = time_interleaved({"jax": lambda: fwd(state, dev_inputs, last).block_until_ready(),
-                              "torch": lambda: ref(**tkw)}, args.reps)
+    times = time_interleaved({
+        "jax": lambda: fwd(state, dev_inputs, last).block_until_ready(),
+        "torch": lambda: ref(**tkw),
+        "jax_scanned": lambda: s_fwd(s_state, dev_inputs, last).block_until_ready()},
+        args.reps)
     jax_s, torch_s = spread(times["jax"])["median"], spread(times["torch"])["median"]
 
     # plain matmul peak of each framework on this machine
@@ -154,6 +163,10 @@ def main() -> None:
         "jax_tokens_per_s": round(seq / jax_s, 1),
         "torch_tokens_per_s": round(seq / torch_s, 1),
         "ratio_vs_reference": ratio_spread(times["torch"], times["jax"]),
+        "ratio_vs_reference_scanned": ratio_spread(times["torch"], times["jax_scanned"]),
+        "jax_scanned_s": spread(times["jax_scanned"]),
+        "scanned_vs_unrolled_max_abs_diff": float(
+            np.abs(np.asarray(scanned_logits) - np.asarray(ours_logits)).max()),
         "model_gflop": round(flops / 1e9, 2),
         "jax_gflops": round(flops / jax_s / 1e9, 1),
         "torch_gflops": round(flops / torch_s / 1e9, 1),

@@ -17,7 +17,9 @@ is the factory's `ref_logps` (the same forward, no loss).
     python scripts/bench_train_step.py [--rows 8] [--prompt 448] [--completion 64]
 
 The sides run interleaved, `--reps` rounds. Last output line: a JSON object with tokens/s of
-each side (medians) and `ratio_vs_reference` (median, min, max over the rounds).
+each side (medians) and `ratio_vs_reference` (median, min, max over the rounds);
+`ratio_vs_reference_scanned` is the same step on the scanned decoder (`model.scan_layers`),
+in the same rounds.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main() -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     import tempo_jax
+    from tempo_jax.models.layers import RuntimeOptions
     from tempo_jax.models.qwen2_5_vl import preset
     from tempo_jax.rl import grpo
     from tempo_jax.training.optimizer import make_optimizer
@@ -86,6 +89,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         model = tempo_jax.load_pretrained(d, dtype=jnp.float32)
+        scanned = tempo_jax.load_pretrained(
+            d, dtype=jnp.float32, options=RuntimeOptions(scan_layers=True))
     hf.train()
 
     pos = np.broadcast_to(np.arange(seq)[None, None], (3, n, seq)).astype(np.int32)
@@ -102,6 +107,12 @@ def main() -> None:
 
     def step(params):
         return steps.grpo_grad(params, frozen, graphdef, *dev, gcfg, 1)
+
+    # the same step on the scanned decoder (`model.scan_layers`), timed in the same rounds
+    s_graphdef, s_params, s_frozen = nnx.split(scanned, nnx.Param, ...)
+
+    def scanned_step(params):
+        return steps.grpo_grad(params, s_frozen, s_graphdef, *dev, gcfg, 1)
 
     def fwd(params):  # the same forward, up to the completion log-probabilities
         return steps.ref_logps(params, frozen, graphdef, *dev[:4], 1)
@@ -127,8 +138,10 @@ def main() -> None:
         return float(loss)
 
     torch_loss = torch_step()
+    jax.block_until_ready(scanned_step(s_params))
     times = time_interleaved(
-        {"jax": lambda: jax.block_until_ready(step(params)), "torch": torch_step},
+        {"jax": lambda: jax.block_until_ready(step(params)), "torch": torch_step,
+         "jax_scanned": lambda: jax.block_until_ready(scanned_step(s_params))},
         args.reps)
     jax_s, torch_s = spread(times["jax"])["median"], spread(times["torch"])["median"]
     # where the time goes: the forward alone, and each framework's plain matmul speed
@@ -161,6 +174,8 @@ def main() -> None:
         "jax_tokens_per_s": round(tokens / jax_s, 1),
         "torch_tokens_per_s": round(tokens / torch_s, 1),
         "ratio_vs_reference": ratio_spread(times["torch"], times["jax"]),
+        "ratio_vs_reference_scanned": ratio_spread(times["torch"], times["jax_scanned"]),
+        "jax_scanned_s": spread(times["jax_scanned"]),
         "loss_jax": jax_loss, "loss_torch": torch_loss,
         "jax_forward_s": spread(parts["jax_forward"]),
         "torch_forward_s": spread(parts["torch_forward"]),

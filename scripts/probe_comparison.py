@@ -39,7 +39,7 @@ from flax import nnx
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.data import prompts as P
 from tempo_jax.grounding.metrics import refusal_auc
-from tempo_jax.models.qwen2_5_vl.positions import text_positions
+from tempo_jax.models.positions import text_positions
 from tempo_jax.training import setup
 from tempo_jax.training.optimizer import make_optimizer
 

@@ -23,7 +23,47 @@ import numpy as np
 from flax import nnx
 
 from tempo_jax.models import families
-from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+from tempo_jax.models.inputs import bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample, as one frozen object (Tunix's `RolloutConfig`): built and checked once,
+    then passed whole by `generate`, `inference.sample_rows`, the GRPO rollout and the
+    evaluation / `predict`, and taken by the jitted program as one static argument.
+
+    `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 truncate nothing. `eos_token_id` is
+    one id or several; `pad_token_id` (what follows EOS) defaults to the first EOS id."""
+
+    max_new_tokens: int
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_id: int | Sequence[int] | None = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if int(self.num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling settings: temperature={self.temperature}, "
+                             f"top_p={self.top_p}, top_k={self.top_k}")
+        eos = () if self.eos_token_id is None else tuple(
+            int(e) for e in np.atleast_1d(self.eos_token_id).tolist())
+        pad = self.pad_token_id if self.pad_token_id is not None else (eos[0] if eos else 0)
+        for name, value in (("max_new_tokens", int(self.max_new_tokens)),
+                            ("num_samples", int(self.num_samples)),
+                            ("temperature", float(self.temperature)),
+                            ("top_p", float(self.top_p)), ("top_k", int(self.top_k)),
+                            ("eos_token_id", eos), ("pad_token_id", int(pad))):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int, **kw) -> SamplingConfig:
+        return cls(max_new_tokens, temperature=0.0, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +129,13 @@ def inverse_cdf_sample(logits, rng, block: int = 256):
     return tok.astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "num_samples", "temperature", "top_k",
-                     "top_p", "eos_ids", "pad_id"),
-)
-def sampling_program(graphdef, state, inputs, start_pos, rng, *, max_new_tokens,
-                     num_samples, temperature, top_k, top_p, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def sampling_program(graphdef, state, inputs, start_pos, rng, *, sampling: SamplingConfig):
     """The jitted sampling program (prefill, then the decode loop) that `generate_global` and
     `generate_from_inputs` run; public so that the planner can compile it ahead of time."""
+    max_new_tokens, num_samples = sampling.max_new_tokens, sampling.num_samples
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+    eos_ids, pad_id = sampling.eos_token_id, sampling.pad_token_id
     model = nnx.merge(graphdef, state)
     opts = model.options
     mask = inputs["attention_mask"]
@@ -108,11 +146,11 @@ def sampling_program(graphdef, state, inputs, start_pos, rng, *, max_new_tokens,
     h, kvs = model.model(x, inputs["position_ids"], mask, opts, return_kv=True, side=side)
     first_logits = model.logits_from_hidden(h[:, -1])
 
-    def grow(a):  # [B, L, Hkv, D] -> [B * S, L + max_new, Hkv, D]
-        a = jnp.pad(a, ((0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
-        return jnp.repeat(a, num_samples, axis=0)
+    def grow(a):  # [layers, B, L, Hkv, D] -> [layers, B * S, L + max_new, Hkv, D]
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
+        return jnp.repeat(a, num_samples, axis=1)
 
-    caches = [(grow(k), grow(v)) for k, v in kvs]
+    caches = tuple(grow(a) for a in kvs)
     kv_valid = jnp.repeat(jnp.pad(mask.astype(bool), ((0, 0), (0, max_new_tokens))),
                           num_samples, axis=0)
     start = jnp.repeat(start_pos, num_samples)
@@ -170,19 +208,15 @@ def generate(
     second_per_grid_ts=None,
     position_ids=None,
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    num_samples: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
+    sampling: SamplingConfig | None = None,
     rng: jax.Array | None = None,
-    pad_token_id: int | None = None,
     max_length: int | None = None,
     bucket_shapes: bool = True,
+    **settings,
 ) -> GenerateOutput:
     """Sample `num_samples` continuations of each prompt (rows prompt-major: row
-    `b * num_samples + s` is sample s of prompt b).
+    `b * num_samples + s` is sample s of prompt b), as `sampling` says, or the keyword
+    `settings` that build one (`max_new_tokens=64, temperature=0, eos_token_id=...`).
 
     `logprobs` are the policy's own log-softmax over the raw logits (no temperature or
     truncation) at each sampled token: GRPO's old log-probabilities. `position_ids`
@@ -190,35 +224,35 @@ def generate(
     each row's max + 1. `max_length` bounds prompt + new tokens (the cache), checked before
     anything compiles.
     """
+    sampling = _sampling(sampling, settings)
     inputs = families.prepare_inputs(
         model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
         pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
         bucketed=bucket_shapes,
     )
-    return generate_from_inputs(
-        model, inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, num_samples=num_samples, eos_token_id=eos_token_id, rng=rng,
-        pad_token_id=pad_token_id, max_length=max_length, bucket_shapes=bucket_shapes,
-    )
+    return generate_from_inputs(model, inputs, sampling, rng=rng, max_length=max_length,
+                                bucket_shapes=bucket_shapes)
+
+
+def _sampling(sampling: SamplingConfig | None, settings: dict) -> SamplingConfig:
+    if sampling is not None and settings:
+        raise TypeError(f"pass either sampling= or its settings, not both ({sorted(settings)})")
+    return sampling if sampling is not None else SamplingConfig(**settings)
 
 
 def generate_from_inputs(
     model: nnx.Module,
     inputs: dict,
+    sampling: SamplingConfig | None = None,
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    num_samples: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
     rng: jax.Array | None = None,
-    pad_token_id: int | None = None,
     max_length: int | None = None,
     bucket_shapes: bool = True,
+    **settings,
 ) -> GenerateOutput:
     """`generate` on inputs already prepared on the host (`prepare_inputs`, or a batch of
     the data pipeline: input_ids, attention_mask, position_ids and the vision arrays)."""
+    sampling = _sampling(sampling, settings)
     cfg = model.config
     inputs = dict(inputs)
     ids, mask, pos = left_align(np.asarray(inputs["input_ids"]),
@@ -227,10 +261,10 @@ def generate_from_inputs(
     b, length = ids.shape
     prompt_len = int(mask.sum(axis=1).max())
     limit = max_length or cfg.text.max_position_embeddings
-    if prompt_len + max_new_tokens > limit:
+    if prompt_len + sampling.max_new_tokens > limit:
         raise ValueError(
-            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
-            f"of {limit} tokens (max_length)"
+            f"prompt of {prompt_len} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
+            f"the cache of {limit} tokens (max_length)"
         )
     start = families.decode_start(families.family_of(model), pos, mask)
     if bucket_shapes:
@@ -244,11 +278,8 @@ def generate_from_inputs(
     inputs = {k: inputs[k] for k in keep if k in inputs}
     inputs.update(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
                   position_ids=pos.astype(np.int32))
-    out = generate_global(
-        model, inputs, jnp.asarray(start, jnp.int32), max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
-        eos_token_id=eos_token_id, rng=rng, pad_token_id=pad_token_id)
-    n = b * num_samples  # the rows of the prompts, without the bucket's padding rows
+    out = generate_global(model, inputs, jnp.asarray(start, jnp.int32), sampling, rng=rng)
+    n = b * sampling.num_samples  # the rows of the prompts, without the bucket's padding rows
     return GenerateOutput(out.tokens[:n], out.logprobs[:n], out.lengths[:n])
 
 
@@ -256,15 +287,9 @@ def generate_global(
     model: nnx.Module,
     inputs: dict,
     start,
+    sampling: SamplingConfig,
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    num_samples: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
     rng: jax.Array | None = None,
-    pad_token_id: int | None = None,
 ) -> GenerateOutput:
     """`generate` on left-padded prompts as they are, with no host preparation: host arrays
     (`generate_from_inputs` after its own), or global arrays on the model's mesh
@@ -275,24 +300,10 @@ def generate_global(
     prompts are this process's."""
     from jax.experimental import multihost_utils
 
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, "
-                         f"top_k={top_k}")
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
-    pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
-    out = sampling_program(
-        graphdef, state, inputs, start, rng,
-        max_new_tokens=int(max_new_tokens), num_samples=int(num_samples),
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        eos_ids=eos, pad_id=int(pad_id),
-    )
+    out = sampling_program(graphdef, state, inputs, start, rng, sampling=sampling)
     if not out[0].is_fully_addressable:  # rows on other hosts' devices: gather them
         out = multihost_utils.process_allgather(out, tiled=True)
     return GenerateOutput(*(np.asarray(a) for a in out))

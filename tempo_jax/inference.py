@@ -21,40 +21,49 @@ from tempo_jax import sharding as shd
 from tempo_jax.data.batching import global_batch
 from tempo_jax.data.pipeline import jsonable, model_inputs
 from tempo_jax.data.prompts import ENDOFTEXT_ID, EOS_IDS, encode_text, format_answer
-from tempo_jax.generate import GenerateOutput, generate_from_inputs, generate_global
+from tempo_jax.generate import (
+    GenerateOutput,
+    SamplingConfig,
+    generate_from_inputs,
+    generate_global,
+)
 from tempo_jax.grounding.answers import parse_answer
-from tempo_jax.models.qwen2_5_vl.positions import decode_start  # the rule of both families
+from tempo_jax.models.positions import decode_start
 
-__all__ = ["answer_rows", "refusal_probabilities", "sample_rows"]
+__all__ = ["answer_rows", "answer_sampling", "refusal_probabilities", "sample_rows"]
 
 
-def sample_rows(model, batch: dict, mesh, rules=shd.DEFAULT_RULES, *, num_samples: int,
-                max_new_tokens: int, temperature: float, top_p: float = 1.0, rng=None):
-    """`num_samples` completions of each prompt of this process's left-padded `batch`, run as
-    one sharded program on the global batch (every process passes its own rows). Returns this
-    process's rows (prompt-major, host arrays) and the batch's model inputs as global arrays.
-    PIR-GRPO's rollout and the greedy evaluation on a mesh both sample through here."""
+def answer_sampling(max_new_tokens: int, **kw) -> SamplingConfig:
+    """The sampling settings of an answer in our chat format (its EOS ids, pad after EOS):
+    greedy unless `kw` says otherwise (`num_samples`, `temperature`, `top_p`)."""
+    return SamplingConfig(max_new_tokens, **{"temperature": 0.0, **kw},
+                          eos_token_id=EOS_IDS, pad_token_id=ENDOFTEXT_ID)
+
+
+def sample_rows(model, batch: dict, mesh, rules=shd.DEFAULT_RULES, *,
+                sampling: SamplingConfig, rng=None):
+    """`sampling.num_samples` completions of each prompt of this process's left-padded
+    `batch`, run as one sharded program on the global batch (every process passes its own
+    rows). Returns this process's rows (prompt-major, host arrays) and the batch's model
+    inputs as global arrays. PIR-GRPO's rollout and the greedy evaluation on a mesh both
+    sample through here."""
     inputs = global_batch(batch, mesh, rules, model_config=model.config, pad_side="left")
     start = shd.shard_rows(decode_start(batch["position_ids"], batch["attention_mask"])
                            .astype(np.int32), mesh, rules)
     with shd.use_mesh(mesh, rules):
-        out = generate_global(
-            model, inputs, start, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, num_samples=num_samples, eos_token_id=list(EOS_IDS), rng=rng,
-            pad_token_id=ENDOFTEXT_ID)
-    mine = (shd.process_rows(start)[:, None] * num_samples + np.arange(num_samples)).ravel()
+        out = generate_global(model, inputs, start, sampling, rng=rng)
+    g = sampling.num_samples
+    mine = (shd.process_rows(start)[:, None] * g + np.arange(g)).ravel()
     return GenerateOutput(out.tokens[mine], out.logprobs[mine], out.lengths[mine]), inputs
 
 
 def _greedy(model, batch: dict, max_new_tokens: int, mesh, rules):
     """(tokens, lengths) of this process's rows of a left-padded prompt batch."""
+    sampling = answer_sampling(max_new_tokens)
     if mesh is None:
-        out = generate_from_inputs(model, model_inputs(batch), max_new_tokens=max_new_tokens,
-                                   temperature=0, eos_token_id=list(EOS_IDS),
-                                   pad_token_id=ENDOFTEXT_ID)
+        out = generate_from_inputs(model, model_inputs(batch), sampling)
     else:
-        out, _ = sample_rows(model, batch, mesh, rules, num_samples=1,
-                             max_new_tokens=max_new_tokens, temperature=0)
+        out, _ = sample_rows(model, batch, mesh, rules, sampling=sampling)
     return out.tokens, out.lengths
 
 

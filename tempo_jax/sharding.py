@@ -39,6 +39,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("patch", None),
     ("norm", None),
+    ("layers", None),  # a scanned decoder's stacked layers: never sharded (each step one)
 )
 
 # TPU pods: fully sharded data parallel over the slice's ICI (fsdp), the slices (DCN) as
@@ -58,6 +59,7 @@ GPU_RULES: Rules = (
     ("mlp", "tensor"),
     ("patch", None),
     ("norm", None),
+    ("layers", None),  # a scanned decoder's stacked layers: never sharded (each step one)
 )
 
 RULE_SETS: dict[str, Rules] = {"default": DEFAULT_RULES, "tpu": TPU_RULES, "gpu": GPU_RULES}

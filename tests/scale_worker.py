@@ -148,6 +148,7 @@ def run_rollout(c, mesh, rules, examples, vision, rows):
     import jax
 
     from tempo_jax.data.pipeline import collate
+    from tempo_jax.inference import answer_sampling
     from tempo_jax.training.data import prompt_examples
     from tempo_jax.training.grpo import rollout
     from tempo_jax.training.setup import pipeline_config
@@ -155,8 +156,8 @@ def run_rollout(c, mesh, rules, examples, vision, rows):
     pcfg = pipeline_config(c, with_answer=False, pad_side="left")
     batch = collate(prompt_examples([examples[i] for i in rows]), pcfg, vision)
     model = fresh(c, mesh, rules)
-    out, _ = rollout(model, batch, mesh, rules, num_samples=ROLLOUT_G, max_new_tokens=6,
-                     temperature=1.0, top_p=1.0, rng=jax.random.PRNGKey(5))
+    sampling = answer_sampling(6, num_samples=ROLLOUT_G, temperature=1.0, top_p=1.0)
+    out, _ = rollout(model, batch, mesh, rules, sampling, jax.random.PRNGKey(5))
     return {"tokens": out.tokens.tolist(), "logps": out.logprobs.tolist(),
             "lengths": out.lengths.tolist()}
 

@@ -311,7 +311,7 @@ def test_splash_backend_interpret_matches_xla(hf_dir, model):
 
 
 def test_bucket_sizes():
-    from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+    from tempo_jax.models.inputs import bucket
 
     sizes = [bucket(n) for n in range(1, 5000)]
     assert all(b >= n for n, b in zip(range(1, 5000), sizes, strict=True))

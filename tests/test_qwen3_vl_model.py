@@ -195,8 +195,7 @@ def test_decoder_interface_side_extend_and_decode(model, hf_model):
         hp, kvs = model.model(x, head["position_ids"], head["attention_mask"], opts,
                               return_kv=True, side=side)
         length = x.shape[1]
-        caches = [tuple(jnp.pad(a, ((0, 0), (0, n_new), (0, 0), (0, 0))) for a in kv)
-                  for kv in kvs]
+        caches = tuple(jnp.pad(a, ((0, 0), (0, 0), (0, n_new), (0, 0), (0, 0))) for a in kvs)
         kv_mask = jnp.arange(length + n_new)[None, None, :] <= (length + jnp.arange(n_new))[
             None, :, None]
         hd, _ = model.model.decode(new, whole["position_ids"][..., -n_new:], caches, length,

@@ -39,6 +39,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # xla | cudnn (GPU) | splash (TPU) | auto (splash on TPU, cudnn on GPU, xla on CPU)
     c.model.attention_backend = "xla" if tiny else "auto"
     c.model.remat = "none" if tiny else "full"  # none | full | dots
+    # the decoder's layers stacked [L, ...] and run by lax.scan: one layer compiled instead of
+    # L (compile time independent of depth); HF checkpoints load and export either way, an
+    # Orbax checkpoint restores only with the layout it was saved with
+    c.model.scan_layers = not tiny
     c.model.freeze_vision = not tiny  # the open TVG recipes freeze the vision tower
     c.model.tiny_overrides = ml_collections.ConfigDict()  # tiny only: wider/deeper demo model
     c.model.tiny_overrides.hidden_size = 128

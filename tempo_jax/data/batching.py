@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tempo_jax.data import prompts as prompts_lib
 from tempo_jax.data.pipeline import model_inputs
 from tempo_jax.models import families
-from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+from tempo_jax.models.inputs import bucket
 from tempo_jax.sharding import (
     BATCH_AXES,
     DEFAULT_RULES,

@@ -37,8 +37,8 @@ from tempo_jax.data.processor import (
 from tempo_jax.data.sources import GroundingSource, VideoIndex, skipped_summary
 from tempo_jax.data.video import VideoError, read_for_saa
 from tempo_jax.models import families
+from tempo_jax.models.inputs import bucket
 from tempo_jax.models.qwen2_5_vl.config import VisionConfig
-from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tempo_jax import sharding as shd
+from tempo_jax.models.decoder import is_stacked, unstacked_path
 from tempo_jax.safetensors_io import CheckpointReader, write_sharded
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,23 @@ def load_into(
     flat = nnx.to_flat_state(state)
     missing, mis_shaped, loaded = [], [], []
     for p, var in flat:
-        key = hf_key(p)
-        expect = tuple(hf_shape(p, var.get_value().shape))
-        if key not in by_ours:
-            missing.append(key)
-            continue
-        ckpt_key = by_ours.pop(key)
-        got = tuple(reader.shape(ckpt_key))
-        if got != expect:
-            mis_shaped.append(f"{ckpt_key}: checkpoint {got}, model expects {expect}")
-            continue
-        loaded.append((p, var, ckpt_key))
+        shape = var.get_value().shape
+        parts, each = _hf_parts(p, var.get_metadata().get("axes"), shape)
+        keys = []
+        for q in parts:
+            key = hf_key(q)
+            expect = tuple(hf_shape(q, each))
+            if key not in by_ours:
+                missing.append(key)
+                continue
+            ckpt_key = by_ours.pop(key)
+            got = tuple(reader.shape(ckpt_key))
+            if got != expect:
+                mis_shaped.append(f"{ckpt_key}: checkpoint {got}, model expects {expect}")
+                continue
+            keys.append(ckpt_key)
+        if len(keys) == len(parts):
+            loaded.append((p, var, parts, keys))
     optional = set(optional_keys)
     unexpected = [
         k for n, k in by_ours.items()
@@ -112,11 +119,13 @@ def load_into(
 
     np_dtype = NP_DTYPES[jnp.dtype(dtype)]
     new_vars = []
-    for p, var, ckpt_key in loaded:
-        arr = from_hf(p, reader.read(ckpt_key))
-        if arr.dtype != np_dtype:
-            arr = arr.astype(np_dtype)
-        arr = np.ascontiguousarray(arr)
+    for p, var, parts, keys in loaded:
+        arrs = [from_hf(q, reader.read(k)).astype(np_dtype, copy=False)
+                for q, k in zip(parts, keys, strict=True)]
+        # a scanned model's stacked parameter: its layers' tensors stacked, one parameter at
+        # a time (host memory: num_layers tensors of one kind)
+        arr = np.ascontiguousarray(arrs[0] if parts == [p] else np.stack(arrs))
+        del arrs
         axes = var.get_metadata().get("axes")
         if mesh is not None:
             sharding = shd.named_sharding(mesh, axes, arr.shape, rules)
@@ -129,18 +138,49 @@ def load_into(
 
 
 def host_params(model: nnx.Module) -> Iterator[tuple[Path, np.ndarray]]:
-    """(NNX path, full numpy value) of every parameter, one at a time.
+    """(NNX path, full numpy value) of every parameter, one at a time, in the unrolled layout
+    (a scanned model's stacked parameter comes out as one tensor per layer).
 
     A parameter sharded over several hosts is gathered (a collective: every process must
     iterate), so no host ever holds more than one full tensor of the model besides its shards.
     """
-    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = var.get_value()
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            from jax.experimental import multihost_utils
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    i = 0
+    while i < len(flat):
+        p, var = flat[i]
+        if not is_stacked(p, var.get_metadata().get("axes")):
+            yield p, _on_host(var.get_value())
+            i += 1
+            continue
+        # a scanned model's stacked parameters: layer by layer, each layer's tensors in the
+        # order an unrolled model lists them (so both write the same safetensors bytes), one
+        # layer's slice gathered at a time
+        j = i
+        while j < len(flat) and is_stacked(flat[j][0], flat[j][1].get_metadata().get("axes")):
+            j += 1
+        group = flat[i:j]
+        for layer in range(group[0][1].get_value().shape[0]):
+            for q, v in group:
+                yield unstacked_path(q, layer), _on_host(v.get_value()[layer])
+        i = j
 
-            value = multihost_utils.process_allgather(value, tiled=True)
-        yield p, np.asarray(jax.device_get(value))
+
+def _on_host(value) -> np.ndarray:
+    """A parameter's full value as numpy (gathered across hosts when sharded over several:
+    a collective)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
+def _hf_parts(path: Path, axes, shape: tuple) -> tuple[list[Path], tuple]:
+    """The unrolled paths a parameter stands for, and each one's shape: itself, or for a
+    stacked decoder parameter (`[num_layers, ...]`, scanned layers) one path per layer."""
+    if is_stacked(path, axes):
+        return [unstacked_path(path, i) for i in range(shape[0])], tuple(shape[1:])
+    return [path], tuple(shape)
 
 
 def param_dtype_name(model: nnx.Module) -> str:
@@ -171,3 +211,44 @@ def write_checkpoint(
     files = write_sharded(path, tensors, max_shard_bytes=max_shard_bytes)
     log.info("saved %d safetensors file(s) to %s", len(files), path)
     return files
+
+
+def abstract_model(model_cls: type, config: Any, dtype: Any, options: Any = None
+                   ) -> nnx.Module:
+    """A family's model with shapes only (nothing allocated), in the layout `options` asks
+    for (stacked decoder layers when `scan_layers`)."""
+    from tempo_jax.models.layers import RuntimeOptions, ShapeOnlyRngs
+
+    opts = options or RuntimeOptions(dtype=dtype)
+    return nnx.eval_shape(
+        lambda: model_cls(config, param_dtype=dtype, options=opts, rngs=ShapeOnlyRngs()))
+
+
+def save_family_checkpoint(model: nnx.Module, path: str | os.PathLike, *,
+                           hf_key: Callable[[Path], str],
+                           to_hf: Callable[[Path, np.ndarray, Any], np.ndarray],
+                           max_shard_bytes: int) -> list[str]:
+    """`config.json` (the family's released layout) and sharded safetensors of `model`,
+    tensor by tensor through the family's mapping (every process calls it)."""
+    tensors = ((hf_key(p), np.ascontiguousarray(to_hf(p, value, model.config)))
+               for p, value in host_params(model))
+    cfg = model.config.to_hf_dict(torch_dtype=param_dtype_name(model))
+    return write_checkpoint(path, cfg, tensors, max_shard_bytes=max_shard_bytes)
+
+
+def load_family_checkpoint(model_cls: type, config: Any, path: str | os.PathLike, *,
+                           hf_key: Callable[[Path], str],
+                           from_hf: Callable[[Path, np.ndarray], np.ndarray],
+                           to_hf: Callable[[Path, np.ndarray, Any], np.ndarray],
+                           dtype: Any, mesh: Mesh | None, rules: shd.Rules, options: Any,
+                           what: str, **kw) -> nnx.Module:
+    """A family's checkpoint at `path` (its `config` already read) into that family's model,
+    in the layout `options` asks for: `load_into` with the shapes `to_hf` gives and a tied
+    LM head optional."""
+    def hf_shape(p: Path, shape: tuple) -> tuple:
+        return to_hf(p, np.empty(shape, dtype=np.uint8), config).shape
+
+    return load_into(
+        abstract_model(model_cls, config, dtype, options), path, hf_key=hf_key,
+        from_hf=from_hf, hf_shape=hf_shape, dtype=dtype, mesh=mesh, rules=rules,
+        optional_keys={"lm_head.weight"} if config.tie_word_embeddings else (), what=what, **kw)

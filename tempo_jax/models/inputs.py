@@ -62,3 +62,33 @@ def add_vision_inputs(
         inputs["vision_meta"] = meta
         inputs["num_image_features"] = np.int32(n_img_feats)
     return inputs
+
+
+def bucket(n: int, minimum: int = 1, steps: int = 4) -> int:
+    """Round up to the next of `steps` evenly spaced sizes per octave ({1, 1.25, 1.5, 1.75} x
+    2^k by default: at most 25% padding), so a whole dataset has only a handful of distinct
+    shapes (compilations)."""
+    n = max(int(n), minimum)
+    p = 1 << max(0, (n - 1).bit_length() - 1 - (steps.bit_length() - 1))
+    return -(-n // p) * p
+
+
+def patch_budget(grids: np.ndarray, unit: int, num_patches: int | None,
+                 bucketed: bool) -> tuple[int, int]:
+    """(the grids' patch count, the padded count the vision batch takes): `num_patches`, or
+    the count's bucket when `bucketed`, or the count itself; a multiple of the merge unit."""
+    n = int((grids[:, 0] * grids[:, 1] * grids[:, 2]).sum())
+    if bucketed and num_patches is None:
+        num_patches = bucket(n, 64)
+    n_pad = num_patches or n
+    if n_pad < n or n_pad % unit:
+        raise ValueError(f"num_patches {n_pad} must be >= {n} and a multiple of {unit}")
+    return n, n_pad
+
+
+def pad_segments(cu: np.ndarray, n: int, n_pad: int, seg_len: int) -> np.ndarray:
+    """Segment boundaries `cu` over `n` patches extended with padding segments of at most
+    `seg_len` patches up to `n_pad` (padding never shares a segment with real patches)."""
+    if n_pad <= n:
+        return cu
+    return np.concatenate([cu, np.arange(n, n_pad, seg_len)[1:], [n_pad]])

@@ -33,6 +33,9 @@ class RuntimeOptions:
     attention_backend: str = "xla"
     remat: str = "none"
     splash_interpret: bool = False  # run the splash kernel in Pallas interpret mode (CPU)
+    # the decoder's layers stacked [L, ...] and scanned (one layer compiled, not L): this
+    # also fixes the parameters' layout, so it is given when the model is built
+    scan_layers: bool = False
 
 
 class ShapeOnlyRngs:
@@ -50,15 +53,19 @@ def check_remat(remat: str) -> None:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
 
 
+def remat_policy(remat: str) -> Callable | None:
+    """The `jax.checkpoint` policy of `remat` ("none": None, no rematerialisation)."""
+    check_remat(remat)
+    if remat == "none":
+        return None
+    return (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if remat == "dots"
+            else jax.checkpoint_policies.nothing_saveable)
+
+
 def remat_layer(fn: Callable, remat: str) -> Callable:
     """Wrap a decoder layer call `fn(layer, x)` with the rematerialisation policy `remat`."""
-    if remat == "none":
-        return fn
-    policy = (
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-        if remat == "dots" else jax.checkpoint_policies.nothing_saveable
-    )
-    return nnx.remat(fn, policy=policy)
+    policy = remat_policy(remat)
+    return fn if policy is None else nnx.remat(fn, policy=policy)
 
 
 def dot_2d(x, w, **kw):
@@ -175,16 +182,22 @@ class CachedDecode:
     """KV-cache decoding for a text attention module that has `project(x, cos, sin, opts)`
     -> (q, k, v), `o_proj` and `head_dim` (both families' decoders)."""
 
-    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts: RuntimeOptions):
-        """Attend new tokens written at cache slot `index` (x [B, T, D]) over the cache;
-        `kv_mask` [B, T, S] says which cache slots each new token may read (the prompt's
-        valid tokens and the tokens generated so far, itself included)."""
+    def decode(self, x, cos, sin, cache_k, cache_v, layer, index, kv_mask,
+               opts: RuntimeOptions):
+        """Attend new tokens written at slot `index` of layer `layer`'s cache (x [B, T, D];
+        `cache_k`, `cache_v` [num_layers, B, S, Hkv, D], every layer's: the write is in
+        place, the read one layer); `kv_mask` [B, T, S] says which cache slots each new token
+        may read (the prompt's valid tokens and the tokens generated so far, itself
+        included)."""
         b, seq = x.shape[:2]
         q, k, v = self.project(x, cos, sin, opts)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        at = (layer, 0, index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+        ck = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+        cv = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
         # decoding is bandwidth-bound with one query row: the plain kernel serves every platform
-        out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+        out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
                         scale=self.head_dim**-0.5, backend="xla", mask=kv_mask)
         return self.o_proj(out.reshape(b, seq, -1), opts.dtype), cache_k, cache_v
 
@@ -207,9 +220,9 @@ class DecoderLayer(nnx.Module):
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), kv
 
-    def decode(self, x, cos, sin, cache_k, cache_v, index, kv_mask, opts):
+    def decode(self, x, cos, sin, cache_k, cache_v, layer, index, kv_mask, opts):
         attn, cache_k, cache_v = self.self_attn.decode(
-            self.input_layernorm(x), cos, sin, cache_k, cache_v, index, kv_mask, opts)
+            self.input_layernorm(x), cos, sin, cache_k, cache_v, layer, index, kv_mask, opts)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x), opts.dtype), cache_k, cache_v
 

@@ -73,13 +73,16 @@ class TensorPlan:
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_params(mcfg: ModelConfig, dtype_name: str) -> tuple:
-    """(path, shape, logical axes, itemsize) of every parameter, from `nnx.eval_shape`."""
+def _abstract_params(mcfg: ModelConfig, dtype_name: str, scan_layers: bool = False) -> tuple:
+    """(path, shape, logical axes, itemsize) of every parameter, from `nnx.eval_shape`, in
+    the layout the trainer builds (stacked decoder layers when `scan_layers`)."""
     from flax import nnx
 
     from tempo_jax.models.families import abstract_model
+    from tempo_jax.models.layers import RuntimeOptions
 
-    model = abstract_model(mcfg, jnp.dtype(dtype_name))
+    dtype = jnp.dtype(dtype_name)
+    model = abstract_model(mcfg, dtype, RuntimeOptions(dtype=dtype, scan_layers=scan_layers))
     out = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
@@ -104,14 +107,15 @@ def shard_shape(spec, shape: Sequence[int], mesh: dict[str, int]) -> tuple[int, 
 
 
 def tensor_plans(mcfg: ModelConfig, mesh: dict[str, int], *, dtype: str = "bfloat16",
-                 freeze_vision: bool = True,
-                 rules: shd.Rules = shd.DEFAULT_RULES) -> list[TensorPlan]:
+                 freeze_vision: bool = True, rules: shd.Rules = shd.DEFAULT_RULES,
+                 scan_layers: bool = False) -> list[TensorPlan]:
     """Every parameter with its PartitionSpec and local shard on `mesh`, through
     `tempo_jax.sharding.logical_to_spec` itself (a dimension the mesh axes do not divide stays
     replicated), so the plan and a real `shard_model` agree by construction."""
     amesh = abstract_mesh(mesh)
     out = []
-    for path, shape, axes, itemsize in _abstract_params(mcfg, jnp.dtype(dtype).name):
+    for path, shape, axes, itemsize in _abstract_params(mcfg, jnp.dtype(dtype).name,
+                                                        scan_layers):
         spec = shd.logical_to_spec(axes, rules, amesh, shape)
         trainable = not (freeze_vision and "visual" in path)
         out.append(TensorPlan(path, shape, axes, itemsize, spec, shard_shape(spec, shape, mesh),
@@ -166,7 +170,7 @@ def workload(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> Workload:
     seq = int(config.data.max_seq_len or 0)
     estimated = seq == 0
     if estimated:  # bucketed per batch: the visual tokens plus a few hundred text tokens
-        from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+        from tempo_jax.models.inputs import bucket
 
         seq = bucket(config.saa.max_visual_tokens + 256, 64)
     v = mcfg.vision
@@ -390,7 +394,10 @@ def _gather_buffer(plans: list[TensorPlan], mesh: dict[str, int]) -> int:
             divs.append(tp if "tensor" in names else 1)
         gathered = math.prod(d // k for d, k in zip(p.shape, divs, strict=True)) * p.itemsize
         extra = gathered - p.shard_bytes
-        if "layers" in p.path or "blocks" in p.path:
+        if p.axes and p.axes[0] == "layers":  # stacked (scanned): one layer gathered per step
+            key = p.path[:2]
+            layers[key] = layers.get(key, 0) + extra // p.shape[0]
+        elif "layers" in p.path or "blocks" in p.path:
             key = p.path[:3]
             layers[key] = layers.get(key, 0) + extra
         else:
@@ -435,7 +442,8 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
     freeze = bool(config.model.freeze_vision)
     remat = config.model.remat
     backend = resolve_backend(config.model.attention_backend, chip_spec.platform)
-    plans = tensor_plans(mcfg, mesh, dtype=dtype, freeze_vision=freeze, rules=rules)
+    plans = tensor_plans(mcfg, mesh, dtype=dtype, freeze_vision=freeze, rules=rules,
+                         scan_layers=bool(config.model.get("scan_layers", False)))
     w = workload(config, mcfg)
     loc = Local(mesh, rules, mcfg, c)
 

@@ -161,6 +161,7 @@ def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
     from tempo_jax.models.families import abstract_model
     from tempo_jax.models.layers import RuntimeOptions
     from tempo_jax.rl import grpo as grpo_lib
+    from tempo_jax.training.grpo import rollout_sampling
 
     rules = config_rules(config) if rules is None else rules
     wanted = list(phases or PHASES)
@@ -169,7 +170,8 @@ def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
     opts = RuntimeOptions(dtype=dtype,
                           attention_backend=resolve_backend(config.model.attention_backend,
                                                             platform),
-                          remat=config.model.remat)
+                          remat=config.model.remat,
+                          scan_layers=config.model.get("scan_layers", False))
     model = abstract_model(mcfg, dtype, opts)
 
     def placed(state):
@@ -219,10 +221,7 @@ def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
                 full_graphdef, placed(full_state), inputs,
                 sds((w.prompts,), jnp.int32, ("batch",)),
                 jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P())),
-                max_new_tokens=w.new_tokens, num_samples=w.generations,
-                temperature=float(config.rl.temperature), top_k=0,
-                top_p=float(config.rl.top_p), eos_ids=(mcfg.eos_token_id, mcfg.bos_token_id),
-                pad_id=mcfg.bos_token_id)
+                sampling=rollout_sampling(config.rl))  # the trainer's own settings
             record("grpo rollout", lowered, opt_b + ref_b, t0)
         if w.grpo and "grpo update" in wanted:
             t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tempo_jax.cli import UsageError
 from tempo_jax.distributed import is_main, sync
 from tempo_jax.training import setup
 
@@ -43,10 +44,61 @@ def restore_params(manager, step: int, params: nnx.State) -> dict:
     import orbax.checkpoint as ocp
 
     item = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))}
-    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+    with _layout_checked(manager, step, item["params"]):
+        got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
     return got["state"]["params"]
+
+
+class LayoutMismatch(UsageError):
+    """A checkpoint saved with the other `model.scan_layers` than the model restoring it."""
+
+
+def _layout(params: dict) -> str | None:
+    """'scanned' (stacked decoder layers) or 'unrolled', from a pure parameter dict."""
+    layers = params.get("model", {}).get("layers") if isinstance(params, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        return None
+    return "unrolled" if all(isinstance(k, int) or str(k).isdigit() for k in layers) \
+        else "scanned"
+
+
+def saved_layout(directory: Path, step: int) -> str | None:
+    """The decoder layers' layout of checkpoint `step` ('scanned' / 'unrolled'), read from
+    Orbax's tree metadata; None when it cannot tell."""
+    import ast
+
+    try:
+        keys = json.loads((Path(directory) / str(step) / "state" / "_METADATA").read_text())[
+            "tree_metadata"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for k in keys:
+        try:
+            parts = ast.literal_eval(k)
+        except (ValueError, SyntaxError):
+            continue
+        if tuple(parts[:3]) == ("params", "model", "layers") and len(parts) > 3:
+            return "unrolled" if str(parts[3]).isdigit() else "scanned"
+    return None
+
+
+@contextlib.contextmanager
+def _layout_checked(manager, step: int, params: dict):
+    """A restore that fails because the checkpoint's decoder layout is not the model's says
+    so (and which switch to flip) instead of Orbax's tree mismatch."""
+    try:
+        yield
+    except Exception as e:
+        saved, mine = saved_layout(manager.directory, step), _layout(params)
+        if saved and mine and saved != mine:
+            raise LayoutMismatch(
+                f"checkpoint {step} under {manager.directory} has {saved} decoder layers "
+                f"(model.scan_layers={saved == 'scanned'}) and this model {mine} ones: rerun "
+                f"with --config.model.scan_layers={saved == 'scanned'} (to change the layout, "
+                "export to Hugging Face format and start from it: both layouts load it)") from e
+        raise
 
 
 
@@ -129,10 +181,12 @@ class Checkpoints:
 
         abstract = {"params": params.to_pure_dict(), "opt_state": opt_state, "rng": rng}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=abstract,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))["state"]
+        with _layout_checked(self.manager, step, abstract["params"]):
+            got = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
+        got = got["state"]
         return got["params"], got["opt_state"], got["rng"]
 
     def restore_into(self, step: int, params: nnx.State, opt_state, rng):

@@ -25,7 +25,7 @@ from tempo_jax.data.sources import (
     skipped_summary,
 )
 from tempo_jax.data.sources import make_pir as make_pir_pairs
-from tempo_jax.models.qwen2_5_vl.vision_meta import bucket
+from tempo_jax.models.inputs import bucket
 
 log = logging.getLogger("tempo_jax.train")
 
@@ -171,7 +171,7 @@ def answer_targets(loss_mask: np.ndarray, input_ids: np.ndarray):
 
 
 def decode_start(batch) -> np.ndarray:
-    from tempo_jax.models.qwen2_5_vl.positions import decode_start  # the rule of both families
+    from tempo_jax.models.positions import decode_start
 
     return decode_start(batch["position_ids"], batch["attention_mask"])
 

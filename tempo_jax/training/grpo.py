@@ -22,7 +22,8 @@ from tempo_jax import sharding as shd
 from tempo_jax.data.batching import global_batch
 from tempo_jax.data.pipeline import batch_patch_capacity, collate
 from tempo_jax.distributed import all_rows
-from tempo_jax.inference import sample_rows
+from tempo_jax.generate import SamplingConfig
+from tempo_jax.inference import answer_sampling, sample_rows
 from tempo_jax.rl import grpo as grpo_lib
 from tempo_jax.rl import rewards as rewards_lib
 from tempo_jax.training import data as data_lib
@@ -34,14 +35,18 @@ from tempo_jax.training.steps import Steps, make_steps
 log = logging.getLogger("tempo_jax.train")
 
 
-def rollout(model: nnx.Module, batch: dict, mesh, rules, *, num_samples: int,
-            max_new_tokens: int, temperature: float, top_p: float, rng):
-    """PIR-GRPO's sampling step: `num_samples` completions of each prompt of this process's
-    left-padded `batch` (`inference.sample_rows`): this process's rows (prompt-major, host
-    arrays) and the batch's model inputs as global arrays (what the update step takes)."""
-    return sample_rows(model, batch, mesh, rules, num_samples=num_samples,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       rng=rng)
+def rollout(model: nnx.Module, batch: dict, mesh, rules, sampling: SamplingConfig, rng):
+    """PIR-GRPO's sampling step: `sampling.num_samples` completions of each prompt of this
+    process's left-padded `batch` (`inference.sample_rows`): this process's rows
+    (prompt-major, host arrays) and the batch's model inputs as global arrays (what the
+    update step takes)."""
+    return sample_rows(model, batch, mesh, rules, sampling=sampling, rng=rng)
+
+
+def rollout_sampling(rc) -> SamplingConfig:
+    """The rollout's sampling settings from `config.rl` (checked once, at the stage's start)."""
+    return answer_sampling(rc.max_new_tokens, num_samples=rc.num_generations,
+                           temperature=rc.temperature, top_p=rc.top_p)
 
 
 def score(texts: list[str], meta: list[dict], rc, thinking: bool) -> tuple[np.ndarray, dict]:
@@ -154,6 +159,7 @@ def run_grpo(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | N
         if rc.beta > 0:
             ref_params = trainer.reference_params()
     g = rc.num_generations
+    sampling = rollout_sampling(rc)
     rounds = 1 + (max(0, rc.get("max_refills", 0)) if rc.get("filter_groups") else 0)
     sampler = data_lib.PirSampler(data, trainer.tokenizer, vision)
 
@@ -167,9 +173,8 @@ def run_grpo(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | N
                                irrelevant=irrelevant)
         batch = collate(exs, pcfg, vision, patch_capacity=capacity)
         key = jax.random.fold_in(rng, step)
-        out, _ = rollout(model, batch, trainer.mesh, trainer.rules, num_samples=g,
-                         max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                         top_p=rc.top_p, rng=jax.random.fold_in(key, k) if k else key)
+        out, _ = rollout(model, batch, trainer.mesh, trainer.rules, sampling,
+                         jax.random.fold_in(key, k) if k else key)
         texts = [trainer.tokenizer.decode(t[:n], skip_special_tokens=True)
                  for t, n in zip(out.tokens, out.lengths, strict=True)]
         meta = [m for m in batch["meta"] for _ in range(g)]

@@ -48,7 +48,8 @@ def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_
     dtype = jnp.dtype(config.model.dtype)
     opts = RuntimeOptions(dtype=dtype,
                           attention_backend=resolve_backend(config.model.attention_backend),
-                          remat=config.model.remat)
+                          remat=config.model.remat,
+                          scan_layers=config.model.get("scan_layers", False))
     if config.model.init_checkpoint:
         return families.load_pretrained(config.model.init_checkpoint, dtype=dtype,
                                         options=opts, mesh=mesh, rules=rules)

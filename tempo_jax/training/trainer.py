@@ -39,7 +39,12 @@ from tempo_jax.distributed import agree_with_main, is_main
 from tempo_jax.models import families
 from tempo_jax.training import data as data_lib
 from tempo_jax.training import evaluation, report
-from tempo_jax.training.checkpoints import Checkpoints, DamagedCheckpoint, uncommitted_steps
+from tempo_jax.training.checkpoints import (
+    Checkpoints,
+    DamagedCheckpoint,
+    LayoutMismatch,
+    uncommitted_steps,
+)
 from tempo_jax.training.grpo import run_grpo
 from tempo_jax.training.hf_export import check_out_dir, save_hf
 from tempo_jax.training.metrics_logger import MetricsLogger
@@ -191,6 +196,8 @@ class Trainer:
         for step in sorted(self.ckpt.manager.all_steps(), reverse=True):
             try:
                 self.resumed = self._read(step)
+            except LayoutMismatch:  # not damage: the run's switch differs from the saved one
+                raise
             except Exception as e:  # TensorStore's read errors are plain Exceptions
                 failed.append(DamagedCheckpoint(step, e))
                 log.error("%s", failed[-1])

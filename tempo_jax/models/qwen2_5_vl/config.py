@@ -9,11 +9,8 @@ transformers 4.5x and 5.x both load.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, ClassVar
-
-from etils import epath
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -219,14 +216,9 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
-        f = epath.Path(path) / "config.json"
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: no config.json in the checkpoint directory")
-        try:
-            d = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from e
-        return cls.from_hf_dict(d)
+        from tempo_jax.models.hf_io import read_config_json
+
+        return cls.from_hf_dict(read_config_json(path))
 
 
 # ---------------------------------------------------------------------------- presets

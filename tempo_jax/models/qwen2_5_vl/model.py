@@ -19,32 +19,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tempo_jax.models.attention import attention, check_backend
+from tempo_jax.models.attention import attention
+from tempo_jax.models.decoder import Decoder, VisionLanguageModel
 from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
     LOGITS,
     REMAT_POLICIES,
     RESIDUAL,
     CachedDecode,
-    DecoderLayer,
-    Embed,
     GatedMLP,
     Linear,
     RMSNorm,
     RuntimeOptions,
     apply_rope,
-    check_remat,
-    dot_2d,
     host_array,
     inv_freq,
-    remat_layer,
     segment_attention,
     vision_rotary,
 )
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
-from tempo_jax.sharding import constrain
 
 __all__ = [  # RuntimeOptions, REMAT_POLICIES, RESIDUAL, LOGITS: re-exported from layers
     "LOGITS", "REMAT_POLICIES", "RESIDUAL", "Qwen25VL", "RuntimeOptions", "TextModel",
@@ -168,16 +163,10 @@ class TextAttention(CachedDecode, nnx.Module):
         return self.o_proj(out.reshape(b, seq, -1), opts.dtype), (k, v)
 
 
-class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
-        self.cfg = cfg
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-                                  rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, TextAttention, param_dtype=param_dtype, rngs=rngs)
-             for _ in range(cfg.num_hidden_layers)]
-        )
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+class TextModel(Decoder):
+    """The Qwen2 decoder (`models.decoder.Decoder`) with Qwen2.5-VL's M-RoPE: no side input."""
+
+    attention_cls = TextAttention
 
     def mrope(self, position_ids):
         """cos/sin [B, L, head_dim] from [3, B, L] positions: frequency band i of the rotary
@@ -190,62 +179,19 @@ class TextModel(nnx.Module):
         emb = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions,
-                 return_kv: bool = False, side: None = None):
-        """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
-        (the prefill of a KV cache). `attention_mask` None: no key is padding (or padding only
-        trails each row, where causal attention never lets a valid token see it). `side` is
-        the family interface's decoder side input (`Qwen25VL.embed_for_decoder`): always None
-        for Qwen2.5-VL, whose decoder reads nothing but the embeddings."""
-        if side is not None:
-            raise ValueError("Qwen2.5-VL's decoder takes no side inputs (side must be None)")
-        cos, sin = self.mrope(position_ids)
-        valid = None if attention_mask is None else attention_mask.astype(bool)
-        layer_fn = remat_layer(lambda layer, h: layer(h, cos, sin, valid, opts), opts.remat)
-        kvs = []
-        x = constrain(x, RESIDUAL)
-        for layer in self.layers:
-            x, kv = layer_fn(layer, x)
-            x = constrain(x, RESIDUAL)
-            kvs.append(kv)
-        x = self.norm(x)
-        return (x, kvs) if return_kv else x
-
-    def decode(self, x, position_ids, caches, index, kv_mask, opts: RuntimeOptions):
-        """New tokens x [B, T, D] at `position_ids` [3, B, T] over per-layer (k, v) caches."""
-        cos, sin = self.mrope(position_ids)
-        new = []
-        for layer, (ck, cv) in zip(self.layers, caches, strict=True):
-            x, ck, cv = layer.decode(x, cos, sin, ck, cv, index, kv_mask, opts)
-            x = constrain(x, RESIDUAL)
-            new.append((ck, cv))
-        return self.norm(x), new
-
 
 # --------------------------------------------------------------------------- full model
-class Qwen25VL(nnx.Module):
-    """Qwen2_5_VLForConditionalGeneration."""
+class Qwen25VL(VisionLanguageModel):
+    """Qwen2_5_VLForConditionalGeneration: `models.decoder.VisionLanguageModel` with this
+    family's vision tower, decoder and input preparation."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        param_dtype=jnp.float32,
-        options: RuntimeOptions | None = None,
-        rngs: nnx.Rngs | None = None,
-    ):
-        rngs = rngs or nnx.Rngs(0)
-        self.config = config
-        self.options = options or RuntimeOptions(dtype=param_dtype)
-        check_backend(self.options.attention_backend)
-        check_remat(self.options.remat)
-        self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
-        self.model = TextModel(config.text, param_dtype=param_dtype, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False,
-                                  axes=("embed", "vocab"), param_dtype=param_dtype, rngs=rngs)
-        else:
-            self.lm_head = None
+    vision_cls = VisionTower
+    text_cls = TextModel
+
+    @staticmethod
+    def prepare(*args, **kwargs) -> dict:
+        """`prepare_inputs` (what `__call__` runs on the host)."""
+        return prepare_inputs(*args, **kwargs)
 
     # ---- pure device functions (jit / grad these)
     def embed(self, inputs: dict):
@@ -276,63 +222,12 @@ class Qwen25VL(nnx.Module):
         """The decoder side input after `n_new` appended text positions (None stays None)."""
         return extend_side(side, n_new)
 
-    def hidden_states(self, inputs: dict):
-        """Final-norm hidden states [B, L, D]."""
-        x = self.embed(inputs)
-        return self.model(x, inputs["position_ids"], inputs["attention_mask"], self.options)
-
-    def logits_from_hidden(self, h):
-        """LM head in fp32 output (loss and sampling read these)."""
-        dt = self.options.dtype
-        if self.lm_head is None:
-            w = self.model.embed_tokens.embedding[...].astype(dt).T
-        else:
-            w = self.lm_head.kernel[...].astype(dt)
-        out = dot_2d(h.astype(dt), w, preferred_element_type=jnp.float32)
-        return constrain(out, LOGITS) if out.ndim == 3 else out
-
-    def forward(self, inputs: dict, logits_positions=None):
-        """Logits [B, L, V] (fp32), or [B, K, V] at `logits_positions` [B, K] only (the LM head
-        over a 150k vocabulary is the largest cost of a step; compute it where needed)."""
-        h = self.hidden_states(inputs)
-        if logits_positions is not None:
-            h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
-        return self.logits_from_hidden(h)
-
-    # ---- transformers-style entry point
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
-        position_ids=None,
-    ) -> jax.Array:
-        """Logits [B, L, vocab] like `Qwen2_5_VLForConditionalGeneration(...).logits`.
-
-        Host-side preparation (positions, vision metadata) needs concrete arrays: inside your
-        own `jax.jit`, call `prepare_inputs` outside and `forward` inside.
-        """
-        inputs = prepare_inputs(
-            self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-            pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
-        )
-        return _jit_forward(self, inputs)
-
 
 def extend_side(side: None, n_new: int) -> None:
     """Qwen2.5-VL has no decoder side input: nothing to extend."""
     if side is not None:
         raise ValueError("Qwen2.5-VL's decoder takes no side inputs (side must be None)")
     return None
-
-
-@nnx.jit
-def _jit_forward(model: Qwen25VL, inputs: dict):
-    return model.forward(inputs)
 
 
 def _np(x):

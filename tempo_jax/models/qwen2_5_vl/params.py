@@ -8,16 +8,13 @@ released layout, which every transformers version loads.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from tempo_jax import sharding as shd
 from tempo_jax.models import hf_io
-from tempo_jax.models.layers import ShapeOnlyRngs
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig
 from tempo_jax.models.qwen2_5_vl.model import Qwen25VL, RuntimeOptions
 
@@ -64,17 +61,11 @@ def from_hf(path: tuple, value: np.ndarray) -> np.ndarray:
     return value.T
 
 
-def _expected_hf_shape(path: tuple, shape: tuple, config: ModelConfig) -> tuple:
-    return to_hf(path, np.empty(shape, dtype=np.uint8), config).shape
-
-
 def abstract_model(
     config: ModelConfig, dtype=jnp.bfloat16, options: RuntimeOptions | None = None
 ) -> Qwen25VL:
     """The model's structure with shapes only (nothing allocated)."""
-    opts = options or RuntimeOptions(dtype=dtype)
-    return nnx.eval_shape(
-        lambda: Qwen25VL(config, param_dtype=dtype, options=opts, rngs=ShapeOnlyRngs()))
+    return hf_io.abstract_model(Qwen25VL, config, dtype, options)
 
 
 def load_pretrained(
@@ -90,23 +81,11 @@ def load_pretrained(
     Tensors are read one at a time (no file mapping kept), converted to `dtype`, and placed
     on their sharding when `mesh` is given, so peak host memory stays near one model copy.
     """
-    config = ModelConfig.from_pretrained(path)
-    return hf_io.load_into(
-        abstract_model(config, dtype, options), path,
-        hf_key=hf_key, from_hf=from_hf,
-        hf_shape=lambda p, shape: _expected_hf_shape(p, shape, config),
-        dtype=dtype, mesh=mesh, rules=rules, normalize_key=normalize_key,
-        ignored_suffixes=_IGNORED_SUFFIXES,
-        optional_keys={"lm_head.weight"} if config.tie_word_embeddings else (),
-        what="the Qwen2.5-VL config",
-    )
-
-
-def hf_tensors(model: Qwen25VL) -> Iterator[tuple[str, np.ndarray]]:
-    """(released HF key, numpy tensor) for every parameter, one at a time (gathered across
-    hosts tensor by tensor: every process iterates)."""
-    for p, value in hf_io.host_params(model):
-        yield hf_key(p), np.ascontiguousarray(to_hf(p, value, model.config))
+    return hf_io.load_family_checkpoint(
+        Qwen25VL, ModelConfig.from_pretrained(path), path, hf_key=hf_key, from_hf=from_hf,
+        to_hf=to_hf, dtype=dtype, mesh=mesh, rules=rules, options=options,
+        what="the Qwen2.5-VL config", normalize_key=normalize_key,
+        ignored_suffixes=_IGNORED_SUFFIXES)
 
 
 def save_pretrained(
@@ -114,5 +93,5 @@ def save_pretrained(
 ) -> list[str]:
     """Write `config.json` (released flat layout) and sharded safetensors with an index that
     `transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained` loads."""
-    cfg = model.config.to_hf_dict(torch_dtype=hf_io.param_dtype_name(model))
-    return hf_io.write_checkpoint(path, cfg, hf_tensors(model), max_shard_bytes=max_shard_bytes)
+    return hf_io.save_family_checkpoint(model, path, hf_key=hf_key, to_hf=to_hf,
+                                        max_shard_bytes=max_shard_bytes)

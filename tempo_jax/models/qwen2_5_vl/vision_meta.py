@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from tempo_jax.models.inputs import bucket, pad_segments, patch_budget
 from tempo_jax.models.qwen2_5_vl.config import VisionConfig
 
 
@@ -105,15 +106,6 @@ def pack_segments(
     return PackedSegments(index.astype(np.int32), valid, slot.astype(np.int32))
 
 
-def bucket(n: int, minimum: int = 1, steps: int = 4) -> int:
-    """Round up to the next of `steps` evenly spaced sizes per octave ({1, 1.25, 1.5, 1.75} x
-    2^k by default: at most 25% padding), so a whole dataset has only a handful of distinct
-    shapes (compilations)."""
-    n = max(int(n), minimum)
-    p = 1 << max(0, (n - 1).bit_length() - 1 - (steps.bit_length() - 1))
-    return -(-n // p) * p
-
-
 def vision_metadata(
     grid_thw,
     cfg: VisionConfig,
@@ -131,20 +123,14 @@ def vision_metadata(
     """
     g = _as_grids(grid_thw)
     unit = cfg.merge_unit
-    n = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
-    if bucketed and num_patches is None:
-        num_patches = bucket(n, 64)
-    n_pad = num_patches or n
-    if n_pad < n or n_pad % unit:
-        raise ValueError(f"num_patches {n_pad} must be >= {n} and a multiple of {unit}")
+    n, n_pad = patch_budget(g, unit, num_patches, bucketed)
     widx, cu_win = window_index(g, cfg)
     cu_full = frame_cu_seqlens(g)
     win_len = unit * (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size) ** 2
     frame_len = int(np.diff(cu_full).max())
-    if n_pad > n:
-        widx = np.concatenate([widx, np.arange(n // unit, n_pad // unit)])
-        cu_win = np.concatenate([cu_win, np.arange(n, n_pad, win_len)[1:], [n_pad]])
-        cu_full = np.concatenate([cu_full, np.arange(n, n_pad, frame_len)[1:], [n_pad]])
+    widx = np.concatenate([widx, np.arange(n // unit, n_pad // unit)])
+    cu_win = pad_segments(cu_win, n, n_pad, win_len)
+    cu_full = pad_segments(cu_full, n, n_pad, frame_len)
     rot = rot_pos_ids(g, cfg)
     if n_pad > n:
         rot = np.concatenate([rot, np.zeros((n_pad - n, 2), np.int32)])

@@ -22,33 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tempo_jax.models.attention import attention, check_backend
+from tempo_jax.models.attention import attention
+from tempo_jax.models.decoder import Decoder, VisionLanguageModel
 from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
-    LOGITS,
-    RESIDUAL,
     CachedDecode,
-    DecoderLayer,
     Embed,
     LayerNorm,
     Linear,
     RMSNorm,
     RuntimeOptions,
-    ShapeOnlyRngs,
     act_fn,
     apply_rope,
-    check_remat,
-    dot_2d,
     host_array,
     inv_freq,
-    remat_layer,
     segment_attention,
     vision_rotary,
 )
 from tempo_jax.models.qwen3_vl import positions as pos_lib
 from tempo_jax.models.qwen3_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata
-from tempo_jax.sharding import constrain
 
 Side = dict[str, jax.Array] | None  # the decoder's input besides the embeddings (DeepStack)
 
@@ -221,16 +214,12 @@ def deepstack_add(x, visual_index, feature):
     return x + jnp.where((visual_index >= 0)[..., None], picked, jnp.zeros((), x.dtype))
 
 
-class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, rngs):
-        self.cfg = cfg
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-                                  rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, TextAttention, param_dtype=param_dtype, rngs=rngs)
-             for _ in range(cfg.num_hidden_layers)]
-        )
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+class TextModel(Decoder):
+    """The Qwen3 decoder (`models.decoder.Decoder`) with interleaved M-RoPE and DeepStack:
+    `side` (from `Qwen3VL.embed_for_decoder`) adds DeepStack feature k at the visual
+    positions after layer k; None: text only."""
+
+    attention_cls = TextAttention
 
     def mrope(self, position_ids):
         """cos/sin [B, L, head_dim] from [3, B, L] positions (interleaved M-RoPE)."""
@@ -240,62 +229,34 @@ class TextModel(nnx.Module):
         emb = jnp.concatenate([f, f], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def __call__(self, x, position_ids, attention_mask, opts: RuntimeOptions,
-                 return_kv: bool = False, side: Side = None):
-        """Final-norm hidden states; with `return_kv`, also every layer's (k, v) [B, L, Hkv, D]
-        (the prefill of a KV cache). `attention_mask` None: no key is padding (or padding only
-        trails each row). `side` (from `Qwen3VL.embed_for_decoder`) adds DeepStack feature k
-        at the visual positions after layer k; None: text only."""
-        cos, sin = self.mrope(position_ids)
-        valid = None if attention_mask is None else attention_mask.astype(bool)
-        layer_fn = remat_layer(lambda layer, h: layer(h, cos, sin, valid, opts), opts.remat)
-        n_deep = 0 if side is None else side["deepstack"].shape[0]
-        kvs = []
-        x = constrain(x, RESIDUAL)
-        for i, layer in enumerate(self.layers):
-            x, kv = layer_fn(layer, x)
-            if i < n_deep:
-                x = deepstack_add(x, side["visual_index"], side["deepstack"][i])
-            x = constrain(x, RESIDUAL)
-            kvs.append(kv)
-        x = self.norm(x)
-        return (x, kvs) if return_kv else x
-
-    def decode(self, x, position_ids, caches, index, kv_mask, opts: RuntimeOptions):
-        """New (text) tokens x [B, T, D] at `position_ids` [3, B, T] over per-layer caches."""
-        cos, sin = self.mrope(position_ids)
-        new = []
-        for layer, (ck, cv) in zip(self.layers, caches, strict=True):
-            x, ck, cv = layer.decode(x, cos, sin, ck, cv, index, kv_mask, opts)
-            x = constrain(x, RESIDUAL)
-            new.append((ck, cv))
-        return self.norm(x), new
+    def inject(self, x, i, side: Side):
+        """DeepStack: feature i added after layer i < n_deep. Under scan the features stay a
+        closure of the scanned body and `lax.cond` picks the layers that take one (feeding
+        them as a scanned input padded with zeros to num_layers rows would hold
+        num_layers / n_deep times their memory)."""
+        if side is None:
+            return x
+        deep, where = side["deepstack"], side["visual_index"]
+        n_deep = deep.shape[0]
+        if isinstance(i, int):
+            return deepstack_add(x, where, deep[i]) if i < n_deep else x
+        k = jnp.minimum(i, n_deep - 1)
+        return jax.lax.cond(i < n_deep, lambda h: deepstack_add(h, where, deep[k]),
+                            lambda h: h, x)
 
 
 # --------------------------------------------------------------------------- full model
-class Qwen3VL(nnx.Module):
-    """Qwen3VLForConditionalGeneration (dense)."""
+class Qwen3VL(VisionLanguageModel):
+    """Qwen3VLForConditionalGeneration (dense): `models.decoder.VisionLanguageModel` with this
+    family's vision tower, decoder and input preparation."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        param_dtype=jnp.float32,
-        options: RuntimeOptions | None = None,
-        rngs: nnx.Rngs | ShapeOnlyRngs | None = None,
-    ):
-        rngs = rngs or nnx.Rngs(0)
-        self.config = config
-        self.options = options or RuntimeOptions(dtype=param_dtype)
-        check_backend(self.options.attention_backend)
-        check_remat(self.options.remat)
-        self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
-        self.model = TextModel(config.text, param_dtype=param_dtype, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False,
-                                  axes=("embed", "vocab"), param_dtype=param_dtype, rngs=rngs)
-        else:
-            self.lm_head = None
+    vision_cls = VisionTower
+    text_cls = TextModel
+
+    @staticmethod
+    def prepare(*args, **kwargs) -> dict:
+        """`prepare_inputs` (what `__call__` runs on the host)."""
+        return prepare_inputs(*args, **kwargs)
 
     # ---- pure device functions (jit / grad these)
     def embed_for_decoder(self, inputs: dict) -> tuple[jax.Array, Side]:
@@ -334,53 +295,6 @@ class Qwen3VL(nnx.Module):
     def extend_side(self, side: Side, n_new: int) -> Side:
         return extend_side(side, n_new)
 
-    def hidden_states(self, inputs: dict):
-        """Final-norm hidden states [B, L, D]."""
-        x, side = self.embed_for_decoder(inputs)
-        return self.model(x, inputs["position_ids"], inputs["attention_mask"], self.options,
-                          side=side)
-
-    def logits_from_hidden(self, h):
-        """LM head in fp32 output (loss and sampling read these)."""
-        dt = self.options.dtype
-        if self.lm_head is None:
-            w = self.model.embed_tokens.embedding[...].astype(dt).T
-        else:
-            w = self.lm_head.kernel[...].astype(dt)
-        out = dot_2d(h.astype(dt), w, preferred_element_type=jnp.float32)
-        return constrain(out, LOGITS) if out.ndim == 3 else out
-
-    def forward(self, inputs: dict, logits_positions=None):
-        """Logits [B, L, V] (fp32), or [B, K, V] at `logits_positions` [B, K] only."""
-        h = self.hidden_states(inputs)
-        if logits_positions is not None:
-            h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)
-        return self.logits_from_hidden(h)
-
-    # ---- transformers-style entry point
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
-        position_ids=None,
-    ) -> jax.Array:
-        """Logits [B, L, vocab] like `Qwen3VLForConditionalGeneration(...).logits`.
-
-        `second_per_grid_ts` is accepted (Qwen2.5-VL's signature) and ignored: Qwen3-VL puts
-        time in timestamp text, not in positions. Host-side preparation needs concrete
-        arrays: inside your own `jax.jit`, call `prepare_inputs` outside, `forward` inside.
-        """
-        inputs = prepare_inputs(
-            self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-            pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids,
-        )
-        return _jit_forward(self, inputs)
-
 
 def extend_side(side: Side, n_new: int) -> Side:
     """The side input after `n_new` appended positions (completions: never visual)."""
@@ -388,11 +302,6 @@ def extend_side(side: Side, n_new: int) -> Side:
         return None
     vi = jnp.pad(side["visual_index"], ((0, 0), (0, n_new)), constant_values=-1)
     return {**side, "visual_index": vi}
-
-
-@nnx.jit
-def _jit_forward(model: Qwen3VL, inputs: dict):
-    return model.forward(inputs)
 
 
 def _np(x):

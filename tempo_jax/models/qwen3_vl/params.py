@@ -8,16 +8,13 @@ Reading, checking, placing and writing are `tempo_jax.models.hf_io`'s.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from tempo_jax import sharding as shd
 from tempo_jax.models import hf_io
-from tempo_jax.models.layers import ShapeOnlyRngs
 from tempo_jax.models.qwen3_vl.config import ModelConfig
 from tempo_jax.models.qwen3_vl.model import Qwen3VL, RuntimeOptions
 
@@ -66,9 +63,7 @@ def abstract_model(
     config: ModelConfig, dtype=jnp.bfloat16, options: RuntimeOptions | None = None
 ) -> Qwen3VL:
     """The model's structure with shapes only (nothing allocated)."""
-    opts = options or RuntimeOptions(dtype=dtype)
-    return nnx.eval_shape(
-        lambda: Qwen3VL(config, param_dtype=dtype, options=opts, rngs=ShapeOnlyRngs()))
+    return hf_io.abstract_model(Qwen3VL, config, dtype, options)
 
 
 def load_pretrained(
@@ -81,25 +76,10 @@ def load_pretrained(
 ) -> Qwen3VL:
     """Load a Hugging Face Qwen3-VL (dense) checkpoint directory, tensor by tensor, each
     placed on its sharding when `mesh` is given."""
-    config = ModelConfig.from_pretrained(path)
-
-    def hf_shape(p: tuple, shape: tuple) -> tuple:
-        return to_hf(p, np.empty(shape, dtype=np.uint8), config).shape
-
-    return hf_io.load_into(
-        abstract_model(config, dtype, options), path,
-        hf_key=hf_key, from_hf=from_hf, hf_shape=hf_shape,
-        dtype=dtype, mesh=mesh, rules=rules, ignored_suffixes=_IGNORED_SUFFIXES,
-        optional_keys={"lm_head.weight"} if config.tie_word_embeddings else (),
-        what="the Qwen3-VL config",
-    )
-
-
-def hf_tensors(model: Qwen3VL) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF key, numpy tensor) for every parameter, one at a time (gathered across hosts
-    tensor by tensor: every process iterates)."""
-    for p, value in hf_io.host_params(model):
-        yield hf_key(p), np.ascontiguousarray(to_hf(p, value, model.config))
+    return hf_io.load_family_checkpoint(
+        Qwen3VL, ModelConfig.from_pretrained(path), path, hf_key=hf_key, from_hf=from_hf,
+        to_hf=to_hf, dtype=dtype, mesh=mesh, rules=rules, options=options,
+        what="the Qwen3-VL config", ignored_suffixes=_IGNORED_SUFFIXES)
 
 
 def save_pretrained(
@@ -107,5 +87,5 @@ def save_pretrained(
 ) -> list[str]:
     """Write `config.json` (released layout) and sharded safetensors with an index that
     `transformers.Qwen3VLForConditionalGeneration.from_pretrained` loads."""
-    cfg = model.config.to_hf_dict(torch_dtype=hf_io.param_dtype_name(model))
-    return hf_io.write_checkpoint(path, cfg, hf_tensors(model), max_shard_bytes=max_shard_bytes)
+    return hf_io.save_family_checkpoint(model, path, hf_key=hf_key, to_hf=to_hf,
+                                        max_shard_bytes=max_shard_bytes)

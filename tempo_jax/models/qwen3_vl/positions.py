@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tempo_jax.models.positions import decode_start, text_positions
 from tempo_jax.models.qwen2_5_vl import positions as _q25
-from tempo_jax.models.qwen2_5_vl.positions import decode_start, text_positions
 
 __all__ = ["decode_start", "rope_index", "split_video_grids", "text_positions"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tempo_jax.models.inputs import bucket, pad_segments, patch_budget
 from tempo_jax.models.qwen2_5_vl.vision_meta import (
-    bucket,
     frame_cu_seqlens,
     pack_segments,
     rot_pos_ids,
@@ -79,17 +79,10 @@ def vision_metadata(
     both from `bucket`, so that similar inputs share one compiled shape.
     """
     g = _as_grids(grid_thw)
-    unit = cfg.merge_unit
-    n = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
-    if bucketed and num_patches is None:
-        num_patches = bucket(n, 64)
-    n_pad = num_patches or n
-    if n_pad < n or n_pad % unit:
-        raise ValueError(f"num_patches {n_pad} must be >= {n} and a multiple of {unit}")
+    n, n_pad = patch_budget(g, cfg.merge_unit, num_patches, bucketed)
     cu = frame_cu_seqlens(g)
     frame_len = int(np.diff(cu).max())
-    if n_pad > n:
-        cu = np.concatenate([cu, np.arange(n, n_pad, frame_len)[1:], [n_pad]])
+    cu = pad_segments(cu, n, n_pad, frame_len)
     if bucketed:
         full_shape = full_shape or (bucket(len(cu) - 1, 4, 2), bucket(frame_len, 64, 2))
     full = pack_segments(cu, *(full_shape or (None, None)))

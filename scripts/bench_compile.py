@@ -1,0 +1,96 @@
+"""Compile time of the trainer's steps with the decoder unrolled vs scanned, by depth.
+
+    python scripts/bench_compile.py                    # depths 4, 12, 28; 3 rounds
+    python scripts/bench_compile.py --depths 28 --reps 5 --hidden 256
+
+Each measurement is `tempo_jax.plan.aot.compile_phases` on this machine's CPU: the trainer's
+own steps (the SFT gradient, the PIR-GRPO rollout's sampling program, the GRPO update's
+gradient, the optimizer apply) traced, lowered and compiled with abstract arguments, in a
+fresh process (no trace or compilation cache carried over). Rounds are interleaved: in each
+round every depth runs unrolled then scanned. The model is the tiny config at `--hidden`
+width with `num_hidden_layers` = the depth (28 is Qwen2.5-VL-7B's depth); width changes the
+compiled kernels' sizes, not their number, which is what grows with depth. Prints, per phase
+and depth, the median (min, max) seconds of each layout and the per-round ratio
+unrolled / scanned; writes `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchlib import ratio_spread, spread
+
+
+def child(depth: int, scan: bool, hidden: int) -> None:
+    """One measurement: print {phase: seconds} as the last line."""
+    import jax
+
+    from tempo_jax import cli
+    from tempo_jax import sharding as shd
+    from tempo_jax.configs.tempo_r0 import get_config
+    from tempo_jax.plan.aot import compile_phases
+
+    cfg = cli.set_fields(get_config("tiny"), {
+        "model.tiny_overrides.num_hidden_layers": depth,
+        "model.tiny_overrides.hidden_size": hidden,
+        "model.tiny_overrides.intermediate_size": 2 * hidden,
+        "model.scan_layers": scan, "model.remat": "full",
+    })
+    mesh = shd.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    print(json.dumps(compile_phases(cfg, mesh, platform="cpu")["compile_seconds"]))
+
+
+def measure(depth: int, scan: bool, hidden: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", str(depth), str(int(scan)),
+                          str(hidden)], capture_output=True, text=True,
+                         env={"JAX_PLATFORMS": "cpu", **__import__("os").environ})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depths", default="4,12,28")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_compile.json"))
+    args = ap.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    raw: dict[str, dict[int, list[dict]]] = {"unrolled": {}, "scanned": {}}
+    for r in range(args.reps):
+        for depth in depths:
+            for layout in ("unrolled", "scanned"):
+                got = measure(depth, layout == "scanned", args.hidden)
+                raw[layout].setdefault(depth, []).append(got)
+                print(f"round {r + 1}/{args.reps} depth {depth:2d} {layout:8s} "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in got.items()), flush=True)
+    phases = list(raw["unrolled"][depths[0]][0])
+    table: dict = {}
+    print(f"\n{'phase':16s} {'depth':>5s}  {'unrolled s (min-max)':>22s}  "
+          f"{'scanned s (min-max)':>22s}  {'unrolled/scanned (min-max)':>26s}")
+    for phase in [*phases, "all phases"]:
+        for depth in depths:
+            def series(layout, phase=phase, depth=depth):
+                rows = raw[layout][depth]
+                return [sum(x.values()) if phase == "all phases" else x[phase] for x in rows]
+            u, s = spread(series("unrolled"), 2), spread(series("scanned"), 2)
+            ratio = ratio_spread(series("unrolled"), series("scanned"))
+            table.setdefault(phase, {})[depth] = {"unrolled": u, "scanned": s, "ratio": ratio}
+            print(f"{phase:16s} {depth:5d}  {u['median']:8.1f} ({u['min']:.1f}-{u['max']:.1f})"
+                  f"{'':4s}{s['median']:8.1f} ({s['min']:.1f}-{s['max']:.1f})"
+                  f"{'':6s}{ratio['median']:6.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"hidden": args.hidden, "reps": args.reps, "table": table,
+                                    "raw": raw}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
