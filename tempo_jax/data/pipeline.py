@@ -37,8 +37,8 @@ from tempo_jax.data.processor import (
 from tempo_jax.data.sources import GroundingSource, VideoIndex, skipped_summary
 from tempo_jax.data.video import VideoError, read_for_saa
 from tempo_jax.models import families
+from tempo_jax.models.families import VisionSpec
 from tempo_jax.models.inputs import bucket
-from tempo_jax.models.qwen2_5_vl.config import VisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def plan_video(info: Any, cand_times: np.ndarray, grey: np.ndarray,
 
 
 def load_example(
-    record: dict, videos: VideoIndex, tokenizer, cfg: PipelineConfig, vision: VisionConfig,
+    record: dict, videos: VideoIndex, tokenizer, cfg: PipelineConfig, vision: VisionSpec,
     *, keep_frames: bool = False,
 ) -> dict[str, Any]:
     """One record -> prompt tokens, positions, loss mask and patches (numpy).
@@ -125,7 +125,7 @@ def load_example(
     return ex
 
 
-def with_query(ex: dict, query: str, tokenizer, cfg: PipelineConfig, vision: VisionConfig,
+def with_query(ex: dict, query: str, tokenizer, cfg: PipelineConfig, vision: VisionSpec,
                window: tuple[float, float] | None = None) -> dict[str, Any]:
     """`ex`'s processed video asked `query` instead (answer `window`, None: a refusal):
     only the text is rebuilt, exactly as `load_example` builds it, so another question
@@ -136,7 +136,7 @@ def with_query(ex: dict, query: str, tokenizer, cfg: PipelineConfig, vision: Vis
 
 
 def _prompt(tokenizer, query: str, frame_times, grids, cfg: PipelineConfig,
-            vision: VisionConfig, window, caption: str | None = None) -> dict[str, Any]:
+            vision: VisionSpec, window, caption: str | None = None) -> dict[str, Any]:
     """The family's prompt: a temporal patch's time is its first frame's (ETA, Qwen2.5-VL) or
     the mean of its frames' (Qwen3-VL, as its processor), from the real frame times."""
     answer = (prompts_lib.format_answer(window, cfg.prompt, caption) if cfg.with_answer
@@ -160,7 +160,7 @@ class LoadExample(grain.transforms.Map):
     main process counts and logs it without stopping.
     """
 
-    def __init__(self, video_root: str, cfg: PipelineConfig, vision: VisionConfig):
+    def __init__(self, video_root: str, cfg: PipelineConfig, vision: VisionSpec):
         cfg.prompt.check_family(vision_family(vision))  # a bad setting fails here, not per example
         self.video_root = video_root
         self.cfg = cfg
@@ -226,7 +226,7 @@ class SkipCounter:
 
 
 def collate(
-    examples: Sequence[dict], cfg: PipelineConfig, vision: VisionConfig,
+    examples: Sequence[dict], cfg: PipelineConfig, vision: VisionSpec,
     patch_capacity: int | None = None,
 ) -> dict[str, Any]:
     """Pad a list of examples to static shapes: text to `max_seq_len` (or a bucket), patches to
@@ -312,7 +312,7 @@ class Loader:
             close()
 
 
-def batch_patch_capacity(cfg: PipelineConfig, vision: VisionConfig) -> int:
+def batch_patch_capacity(cfg: PipelineConfig, vision: VisionSpec) -> int:
     """Patches of a batch whose every video fills the visual-token budget: the loader's
     static patch dimension (one compilation for every batch)."""
     return cfg.batch_size * vision.merge_unit * cfg.saa.max_visual_tokens
@@ -322,7 +322,7 @@ def make_loader(
     records: Sequence[dict],
     video_root: str,
     cfg: PipelineConfig,
-    vision: VisionConfig,
+    vision: VisionSpec,
     *,
     shard_index: int = 0,
     shard_count: int = 1,

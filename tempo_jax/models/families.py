@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from tempo_jax.models.hf_io import read_config_json
 
@@ -23,6 +23,24 @@ FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 MODEL_CLASSES = {"qwen2_5_vl": "Qwen25VL", "qwen3_vl": "Qwen3VL"}
 # presets of the non-default families are spelled with their family's prefix
 PRESET_PREFIXES = {"qwen3_vl": "qwen3_vl_"}
+
+
+
+class VisionSpec(Protocol):
+    """What the host side (the data pipeline, the processor, SAA) reads of a vision config:
+    both families' `VisionConfig` are one, so the pipeline is typed by this interface rather
+    than by either family's class."""
+
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+
+    @property
+    def merge_unit(self) -> int: ...
+
+    @property
+    def patch_dim(self) -> int: ...
 
 
 def _check(family: str) -> str:
