@@ -170,12 +170,11 @@ class VisionLanguageModel(nnx.Module):
     construction (vision tower, decoder, LM head or tied embeddings), hidden states, the
     LM head in fp32, `forward` (logits where asked) and the transformers-style `__call__`.
 
-    A family sets `vision_cls`, `text_cls` and `prepare` (its host-side input preparation),
-    and defines `embed_for_decoder(inputs) -> (x, side)` and `extend_side`."""
+    A family sets `vision_cls` and `text_cls` and defines `embed_for_decoder(inputs) ->
+    (x, side)` and `extend_side`; its `prepare_inputs` is found by `families`."""
 
     vision_cls: type
     text_cls: type
-    prepare: Callable  # prepare_inputs(config, input_ids, attention_mask, ...) -> inputs
 
     def __init__(self, config: Any, *, param_dtype=jnp.float32,
                  options: RuntimeOptions | None = None, rngs: Any = None):
@@ -231,7 +230,9 @@ class VisionLanguageModel(nnx.Module):
         argument names (Qwen3-VL ignores `second_per_grid_ts`: its time is in timestamp
         text). Host-side preparation (positions, vision metadata) needs concrete arrays:
         inside your own `jax.jit`, call `prepare_inputs` outside and `forward` inside."""
-        inputs = type(self).prepare(
+        from tempo_jax.models import families  # the family modules import this one
+
+        inputs = families.prepare_inputs(
             self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
             pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids)
         return _jit_forward(self, inputs)

@@ -188,11 +188,6 @@ class Qwen25VL(VisionLanguageModel):
     vision_cls = VisionTower
     text_cls = TextModel
 
-    @staticmethod
-    def prepare(*args, **kwargs) -> dict:
-        """`prepare_inputs` (what `__call__` runs on the host)."""
-        return prepare_inputs(*args, **kwargs)
-
     # ---- pure device functions (jit / grad these)
     def embed(self, inputs: dict):
         """Token embeddings with the vision features scattered at the image/video pad tokens."""

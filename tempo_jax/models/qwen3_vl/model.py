@@ -253,11 +253,6 @@ class Qwen3VL(VisionLanguageModel):
     vision_cls = VisionTower
     text_cls = TextModel
 
-    @staticmethod
-    def prepare(*args, **kwargs) -> dict:
-        """`prepare_inputs` (what `__call__` runs on the host)."""
-        return prepare_inputs(*args, **kwargs)
-
     # ---- pure device functions (jit / grad these)
     def embed_for_decoder(self, inputs: dict) -> tuple[jax.Array, Side]:
         """Token embeddings [B, L, D] with the merged vision features scattered at the
