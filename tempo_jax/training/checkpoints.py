@@ -6,7 +6,7 @@ model back (export, evaluation).
 A save cut short leaves `<step>.orbax-checkpoint-tmp`: never listed or restored, and removed
 when the next run opens the manager. A committed checkpoint that cannot be read back (a
 truncated or deleted array file, corrupt metadata) is moved to `ckpt.damaged/` once an older
-one is found that reads (`Trainer.run`), never restored from and never silently skipped.
+one is found that reads (`Trainer.resume`), never restored from and never silently skipped.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ def _layout_checked(manager, step: int, params: dict):
                 f"with --config.model.scan_layers={saved == 'scanned'} (to change the layout, "
                 "export to Hugging Face format and start from it: both layouts load it)") from e
         raise
-
 
 
 class DamagedCheckpoint(Exception):
