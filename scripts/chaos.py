@@ -254,7 +254,8 @@ def final_state(workdir: Path) -> tuple[int, dict, dict]:
 
 def compare(reference: Path, other: Path) -> dict[str, tuple[bool, str]]:
     """Each check's (passed, detail)."""
-    from tempo_jax.training.metrics_logger import read_rows, tensorboard_scalars
+    from tempo_jax.fileio import read_jsonl
+    from tempo_jax.training.metrics_logger import tensorboard_scalars
 
     checks: dict[str, tuple[bool, str]] = {}
     (sa, a, ma), (sb, b, mb) = final_state(reference), final_state(other)
@@ -279,8 +280,8 @@ def compare(reference: Path, other: Path) -> dict[str, tuple[bool, str]]:
                            for n in weights)
     checks["export safetensors byte-equal"] = (bool(same), ", ".join(weights))
 
-    rows_a, torn_a = read_rows(reference / "metrics.jsonl")
-    rows_b, torn_b = read_rows(other / "metrics.jsonl")
+    rows_a, torn_a = read_jsonl(reference / "metrics.jsonl")
+    rows_b, torn_b = read_jsonl(other / "metrics.jsonl")
     keys_a = [(r["stage"], r["step"]) for r in rows_a]
     keys_b = [(r["stage"], r["step"]) for r in rows_b]
     dup = len(keys_b) - len(set(keys_b))

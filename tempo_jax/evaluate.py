@@ -232,15 +232,7 @@ def submission_row(record: dict, parsed) -> dict:
 def _read_rows(path: Path) -> dict[str, dict]:
     """Answers already written (a crashed run resumes after them); the last row of a qid wins,
     and a torn last line from a kill is ignored."""
-    rows: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[str(row["qid"])] = row
-    return rows
+    return {str(row["qid"]): row for row in fileio.read_jsonl(path)[0]}
 
 
 def evaluate_model(

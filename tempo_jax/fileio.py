@@ -41,6 +41,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """(the rows of a JSON-lines file, how many lines could not be read: a line torn by a
+    kill mid-write); no rows when the file is absent."""
+    rows, torn = [], 0
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn += 1
+    return rows, torn
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -394,13 +394,13 @@ def test_replace_dir_recovers_a_kill_between_its_two_renames(tmp_path):
 
 
 def test_torn_metrics_line_is_cut_before_the_next_row(tmp_path):
-    from tempo_jax.training.metrics_logger import MetricsLogger, read_rows
+    from tempo_jax.training.metrics_logger import MetricsLogger
 
     (tmp_path / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "loss": 1.0}\n'
                                             '{"stage": "sft", "step": 2, "lo')
     logger = MetricsLogger(tmp_path)
     logger.log("sft", 2, {"loss": 0.5})
     logger.close()
-    rows, torn = read_rows(tmp_path / "metrics.jsonl")
+    rows, torn = fileio.read_jsonl(tmp_path / "metrics.jsonl")
     assert torn == 0 and [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5)]
 

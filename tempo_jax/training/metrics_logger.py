@@ -18,18 +18,6 @@ from tempo_jax.distributed import is_main
 log = logging.getLogger("tempo_jax.train")
 
 
-def read_rows(path: Path) -> tuple[list[dict], int]:
-    """(the rows of a metrics.jsonl, how many lines were unreadable: a line torn by a kill)."""
-    rows, torn = [], 0
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                torn += 1
-    return rows, torn
-
-
 class MetricsLogger:
     """Appends to `workdir/metrics.jsonl` and `workdir/tb`; `close` flushes both (the
     TensorBoard writer has a background thread)."""
@@ -74,7 +62,7 @@ class MetricsLogger:
         written anew from them. Returns how many rows were dropped."""
         if not self.is_main:
             return 0
-        rows, torn = read_rows(self.path)
+        rows, torn = fileio.read_jsonl(self.path)
         kept = [r for r in rows if keep(r)]
         self.close()
         fileio.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
