@@ -259,6 +259,11 @@ def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
         _RULES.reset(token)
 
 
+def current_rules() -> Rules:
+    """The rules of the active `use_mesh` (the defaults outside one)."""
+    return _RULES.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names (e.g. ('batch', 'seq', 'embed')) under the
     active `use_mesh`; a no-op without a mesh. Axes that do not divide a dimension are left
@@ -268,6 +273,24 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(axes, _RULES.get(), mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_like(tree, state: nnx.State):
+    """`tree` (e.g. gradients) laid out as the variables of `state` are by their `axes`
+    metadata, under the active `use_mesh` (a no-op without one): a jitted step's outputs
+    then have the parameters' shardings whatever XLA's propagation would have chosen."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return tree
+    rules = _RULES.get()
+
+    def spec(v):
+        axes = v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None
+        shape = v.get_value().shape if isinstance(v, nnx.Variable) else v.shape
+        return logical_to_spec(axes, rules, mesh, shape)
+
+    specs = jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.lax.with_sharding_constraint(tree, specs)
 
 
 # ---------------------------------------------------------------------------- batches

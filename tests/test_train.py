@@ -476,3 +476,51 @@ def test_completion_logits_equal_unpadded_forward(pad_side):
         n = len(prompt)
         np.testing.assert_allclose(got[r, :comp_len[r]], ref[n - 1:n - 1 + comp_len[r]],
                                    atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_accumulation_equals_one_large_batch_in_one_program(demo_run, tmp_path, monkeypatch,
+                                                            stage):
+    """`optim.accum_steps=4` (micro-batches of 2 examples, or 1 GRPO group) gives the
+    parameters of one batch 4x as large (fp32, within 1e-5), the trainer calling its jitted
+    gradient step once per update: the micro-batches are scanned inside that program."""
+    calls: list[bool] = []
+    factory = steps.make_steps
+
+    def counting(tx):
+        s = factory(tx)
+        name = "sft_grad" if stage == "sft" else "grpo_grad"
+        jitted = getattr(s, name)
+
+        def call(*args):
+            calls.append(isinstance(args[3], tuple))  # micro-batches as tuples
+            return jitted(*args)
+
+        call.lower = jitted.lower
+        return steps.Steps(**{**s.__dict__, name: call})
+
+    monkeypatch.setattr(sft if stage == "sft" else __import__(
+        "tempo_jax.training.grpo", fromlist=["grpo"]), "make_steps", counting)
+    params = {}
+    for accum in (1, 4):
+        calls.clear()
+        wd = tmp_path / f"accum{accum}"
+        shutil.copytree(demo_run[0] / "data", wd / "data")
+        over = {"optim.accum_steps": accum, "sft.steps": 2, "sft.batch_size": 8,
+                "rl.steps": 2, "rl.batch_size": 4, "rl.num_iterations": 1}
+        config = small_config(stages=stage, **over)
+        with Trainer(config, wd) as trainer:
+            before = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
+            data = data_lib.prepare_data(config, wd)
+            if stage == "sft":
+                sft.run_sft(trainer, data, 0, None)
+            else:
+                from tempo_jax.training import grpo
+
+                grpo.run_grpo(trainer, data, 0, None)
+            params[accum] = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
+        assert calls == [accum > 1] * 2  # one gradient call per update
+    diff = max(float(np.abs(params[1][k] - params[4][k]).max()) for k in params[1])
+    moved = max(float(np.abs(params[1][k] - before[k]).max()) for k in params[1])
+    print(f"{stage}: accumulated vs one batch max |diff| {diff:.2e}, update {moved:.2e}")
+    assert diff <= 1e-5 and moved > 1e-3, (diff, moved)

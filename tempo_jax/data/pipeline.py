@@ -227,22 +227,25 @@ class SkipCounter:
 
 def collate(
     examples: Sequence[dict], cfg: PipelineConfig, vision: VisionSpec,
-    patch_capacity: int | None = None,
+    patch_capacity: int | None = None, shapes: dict | None = None,
 ) -> dict[str, Any]:
     """Pad a list of examples to static shapes: text to `max_seq_len` (or a bucket), patches to
-    `patch_capacity` (or a bucket), and build the vision tower's metadata."""
+    `patch_capacity` (or a bucket), and build the vision tower's metadata. `shapes` (from
+    `batch_shapes`) pads to another batch's shapes instead, when they are at least as large."""
+    shapes = shapes or {}
     lengths = [len(ex["input_ids"]) for ex in examples]
-    pad_to = cfg.max_seq_len or bucket(max(lengths), 64)
+    pad_to = shapes.get("seq") or cfg.max_seq_len or bucket(max(lengths), 64)
     if max(lengths) > pad_to:
         raise ValueError(f"example of {max(lengths)} tokens exceeds max_seq_len {pad_to}")
     text = prompts_lib.build_batch(examples, pad_to=pad_to, side=cfg.pad_side)
     pixels = np.concatenate([ex["pixel_values"] for ex in examples])
     grids = np.concatenate([ex["video_grid_thw"] for ex in examples]).astype(np.int64)
     n = pixels.shape[0]
-    capacity = patch_capacity or bucket(n, 64)
+    capacity = shapes.get("patches") or patch_capacity or bucket(n, 64)
     if n > capacity:
         raise ValueError(f"batch has {n} patches, more than the capacity {capacity}")
-    meta = families.vision_metadata(grids, vision, num_patches=capacity, bucketed=True)
+    meta = families.vision_metadata(grids, vision, num_patches=capacity, bucketed=True,
+                                    **shapes.get("segments", {}))
     batch = {
         "input_ids": text["input_ids"].astype(np.int32),
         "attention_mask": text["attention_mask"].astype(np.int32),
@@ -310,6 +313,35 @@ class Loader:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+
+
+def batch_shapes(batch: dict) -> dict:
+    """The padded shapes of a collated batch, as `collate(shapes=...)` takes them: sequence
+    length, patch count, and the vision metadata's segment tables (`(segments, length)` of
+    the full-attention table and, for Qwen2.5-VL, of the window table)."""
+    meta = batch["vision_meta"]
+    segments = {"full_shape": meta["full_index"].shape}
+    if "win_index" in meta:
+        segments["window_shape"] = meta["win_index"].shape
+    return {"seq": batch["input_ids"].shape[1], "patches": batch["pixel_values"].shape[0],
+            "segments": segments}
+
+
+def collate_alike(chunks: Sequence[Sequence[dict]], cfg: PipelineConfig, vision: VisionSpec,
+                  patch_capacity: int | None = None) -> list[dict[str, Any]]:
+    """Collate each chunk of examples (the micro-batches of one accumulated step) to the same
+    shapes, the largest each chunk needs alone, so that they stack into one array per input
+    and one compiled program scans over them."""
+    batches = [collate(c, cfg, vision, patch_capacity) for c in chunks]
+    each = [batch_shapes(b) for b in batches]
+    if all(s == each[0] for s in each):
+        return batches
+    common = {
+        "seq": max(s["seq"] for s in each), "patches": max(s["patches"] for s in each),
+        "segments": {k: tuple(max(s["segments"][k][i] for s in each) for i in range(2))
+                     for k in each[0]["segments"]},
+    }
+    return [collate(c, cfg, vision, patch_capacity, shapes=common) for c in chunks]
 
 
 def batch_patch_capacity(cfg: PipelineConfig, vision: VisionSpec) -> int:

@@ -10,10 +10,11 @@ Masks are boolean, True = may attend.
 
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "cudnn", "splash")
 AUTO = {"tpu": "splash", "gpu": "cudnn"}  # "auto": the fused kernel of the platform, else xla
@@ -133,7 +134,6 @@ def cudnn_attention(q, k, v, mask, scale: float, heads_first: bool = False, kv_v
     return jnp.swapaxes(out, 1, 2) if heads_first else out
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(lq: int, lk: int, groups: int, causal: bool, interpret: bool, block: int):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -146,12 +146,13 @@ def _splash_kernel(lq: int, lk: int, groups: int, causal: bool, interpret: bool,
         block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
         block_q_dq=bq, block_kv_dq=bk,
     )
-    # built outside any trace: the kernel's mask tables must be constants, not tracers, since
-    # the kernel is cached and reused by later traces
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mha(
-            mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
-        )
+    # made afresh in each trace (the mask tables, numpy, are cached by splash's own
+    # `process_mask`) and staged as that trace's constants: a kernel cached across traces
+    # would need its tables as device arrays made outside them, on the context mesh's
+    # devices, which are compile-only when planning for a TPU topology on a CPU host
+    return sk.make_splash_mha(
+        mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+    )
 
 
 def splash_attention(
@@ -177,20 +178,48 @@ def splash_attention(
     lq = lq0 + pq
     hkv, lk = k.shape[1], k.shape[2]
     g = h // hkv
-    kernel = _splash_kernel(lq, lk, g, causal, interpret, block)
-    # per (batch, kv head): q [G, Lq, D], k/v [Lk, D] broadcast to G
-    qg = (q * scale).reshape(b, hkv, g, lq, d)
-    kt, vt = k, v
 
-    def one(qh, kh, vh, qs, ks):
-        kh = jnp.broadcast_to(kh[None], (g, *kh.shape))
-        vh = jnp.broadcast_to(vh[None], (g, *vh.shape))
-        return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+    def local(q, k, v, qs, ks):
+        # one device's rows and heads: per (batch, kv head), q [G, Lq, D], k/v [Lk, D]
+        # broadcast to G
+        kernel = _splash_kernel(lq, lk, g, causal, interpret, block)
+        bl, hl = q.shape[0], k.shape[1]
+        qg = (q * scale).reshape(bl, hl, g, lq, d)
 
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
-    out = jax.vmap(per_head)(qg, kt, vt, q_segment_ids, kv_segment_ids)  # [B, Hkv, G, Lq, D]
-    out = out.reshape(b, h, lq, d)[:, :, :lq0].astype(q.dtype)
+        def one(qh, kh, vh, qs, ks):
+            kh = jnp.broadcast_to(kh[None], (g, *kh.shape))
+            vh = jnp.broadcast_to(vh[None], (g, *vh.shape))
+            return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+
+        per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
+        out = jax.vmap(per_head)(qg, k, v, qs, ks)  # [B, Hkv, G, Lq, D]
+        return out.reshape(bl, hl * g, lq, d)
+
+    out = _on_each_device(local, q, k, v, q_segment_ids, kv_segment_ids)
+    out = out[:, :, :lq0].astype(q.dtype)
     return out if heads_first else jnp.swapaxes(out, 1, 2)
+
+
+def _on_each_device(local, q, k, v, q_segment_ids, kv_segment_ids):
+    """`local(q, k, v, q_segment_ids, kv_segment_ids)` on each device's rows and heads: a
+    Mosaic kernel cannot be partitioned by XLA, so under a context mesh of several devices
+    it runs inside `shard_map`, rows split as the rules split 'batch', heads as they split
+    'heads' when both the query and the KV heads divide (else every device has all heads),
+    whole sequences on each device. q/k/v are [B, H, L, D]."""
+    from tempo_jax import sharding as shd
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return local(q, k, v, q_segment_ids, kv_segment_ids)
+    rules = shd.current_rules()
+    rows = shd.logical_to_spec(("batch",), rules, mesh, q.shape[:1])[0]
+    heads = shd.logical_to_spec(("heads",), rules, mesh, q.shape[1:2])[0]
+    if heads is not None and shd.logical_to_spec(("heads",), rules, mesh, k.shape[1:2])[0] != heads:
+        heads = None  # the KV heads do not split as the query heads do
+    qkv = P(rows, heads, None, None)
+    seg = P(rows, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg), out_specs=qkv,
+                         check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def attention(

@@ -10,6 +10,7 @@ sampler reports them), not the tempered or truncated sampling distribution.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -87,20 +88,30 @@ def get_advantage_estimator(name: str) -> Callable[..., Array]:
 # ---------------------------------------------------------------------------- aggregation
 
 
-def _token_mean(loss_tok: Array, mask: Array) -> Array:
+def loss_norms(mask: Array) -> dict[str, Array]:
+    """The denominators of the aggregations and metrics, from a batch's completion mask
+    [N, T]: its tokens, its sequences with at least one token, its rows. A micro-batch of an
+    accumulated step takes the whole step's, so the micro-batches' terms add up to it."""
+    maskf = jnp.asarray(mask).astype(jnp.float32)
+    return {"tokens": jnp.maximum(jnp.sum(maskf), 1.0),
+            "sequences": jnp.maximum(jnp.sum(jnp.any(mask, axis=1)), 1.0),
+            "rows": jnp.asarray(maskf.shape[0], jnp.float32)}
+
+
+def _token_mean(loss_tok: Array, mask: Array, norms: dict[str, Array]) -> Array:
     """Every completion token weighs the same (DAPO): long answers are not down-weighted."""
-    return jnp.sum(loss_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(loss_tok * mask) / norms["tokens"]
 
 
-def _seq_mean_token_mean(loss_tok: Array, mask: Array) -> Array:
+def _seq_mean_token_mean(loss_tok: Array, mask: Array, norms: dict[str, Array]) -> Array:
     """Original GRPO: mean per sequence, then over sequences with at least one token."""
     n = jnp.sum(mask, axis=1)
     per_seq = jnp.sum(loss_tok * mask, axis=1) / jnp.maximum(n, 1.0)
     has = (n > 0).astype(loss_tok.dtype)
-    return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+    return jnp.sum(per_seq * has) / norms["sequences"]
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[Array, Array], Array]] = {
+LOSS_AGGREGATIONS: dict[str, Callable[[Array, Array, dict], Array]] = {
     "token-mean": _token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
 }
@@ -109,15 +120,20 @@ LOSS_AGGREGATIONS: dict[str, Callable[[Array, Array], Array]] = {
 # ---------------------------------------------------------------------------- loss
 
 
+# metrics an accumulated step combines by max (the others are sums of normalised terms)
+MAX_METRICS = frozenset({"ratio_max"})
+
+
 def grpo_loss(logps: Array, old_logps: Array, ref_logps: Array | None, advantages: Array,
-              mask: Array, cfg: GRPOConfig) -> tuple[Array, dict[str, Array]]:
+              mask: Array, cfg: GRPOConfig,
+              norms: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
     """PPO-clip (asymmetric eps) + beta * k3 KL, aggregated by ``cfg.loss_agg``.
 
     logps/old_logps/ref_logps [N, T] at the completion tokens, advantages [N], mask [N, T]
     (True on completion tokens). Positions outside the mask are neutralised before any exp,
     so padding with garbage (even inf) log-probs cannot leak NaN into the loss or gradients.
     Returns (loss, metrics); all metrics are scalars and the function jits with ``cfg``
-    static.
+    static. ``norms`` (``loss_norms``): the denominators, the whole step's for a micro-batch.
     """
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         known = sorted(LOSS_AGGREGATIONS)
@@ -125,7 +141,8 @@ def grpo_loss(logps: Array, old_logps: Array, ref_logps: Array | None, advantage
     use_kl = cfg.beta > 0 and ref_logps is not None
     if cfg.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs reference log-probs (set beta=0 to drop the reference)")
-    agg = LOSS_AGGREGATIONS[cfg.loss_agg]
+    norms = loss_norms(mask) if norms is None else norms
+    agg = functools.partial(LOSS_AGGREGATIONS[cfg.loss_agg], norms=norms)
     logps = _float(logps)
     dtype = logps.dtype
     on = jnp.asarray(mask).astype(bool)
@@ -141,7 +158,7 @@ def grpo_loss(logps: Array, old_logps: Array, ref_logps: Array | None, advantage
     clipped = jnp.clip(ratio, lo, hi)
     pg_tok = -jnp.minimum(ratio * adv, clipped * adv)
     pg_loss = agg(pg_tok, maskf)
-    n_tok = jnp.maximum(jnp.sum(maskf), 1.0)
+    n_tok = norms["tokens"].astype(dtype)
 
     if use_kl:
         ref = jnp.where(on, jax.lax.stop_gradient(_float(ref_logps)).astype(dtype), zero)
@@ -165,7 +182,7 @@ def grpo_loss(logps: Array, old_logps: Array, ref_logps: Array | None, advantage
         "clip_fraction": jnp.sum(is_clipped * maskf) / n_tok,
         "ratio_mean": jnp.sum(ratio * maskf) / n_tok,
         "ratio_max": jnp.where(has_tok, jnp.max(jnp.where(on, ratio, -jnp.inf)), zero),
-        "response_length_mean": jnp.sum(maskf) / maskf.shape[0],
+        "response_length_mean": jnp.sum(maskf) / norms["rows"].astype(dtype),
     }
     return loss, metrics
 

@@ -155,11 +155,11 @@ def load_all(records, video_root, pcfg, vision, desc) -> list[dict]:
     return out
 
 
-def answer_targets(loss_mask: np.ndarray, input_ids: np.ndarray):
-    """Positions whose logits predict the answer tokens: [B, K] (K bucketed), the target ids
-    and a validity mask. Only these positions go through the 150k-entry LM head."""
+def answer_targets(loss_mask: np.ndarray, input_ids: np.ndarray, k: int | None = None):
+    """Positions whose logits predict the answer tokens: [B, K] (K bucketed, or `k`), the
+    target ids and a validity mask. Only these positions go through the 150k-entry LM head."""
     rows = [np.flatnonzero(m) for m in loss_mask]
-    k = bucket(max(1, max(len(r) for r in rows)), 8)
+    k = k or bucket(max(1, max(len(r) for r in rows)), 8)
     pos = np.zeros((len(rows), k), np.int32)
     valid = np.zeros((len(rows), k), bool)
     for i, r in enumerate(rows):
@@ -168,6 +168,18 @@ def answer_targets(loss_mask: np.ndarray, input_ids: np.ndarray):
     tgt = np.take_along_axis(input_ids, pos, axis=1).astype(np.int32)
     return np.maximum(pos - 1, 0), tgt, valid
 
+
+def micro_targets(batches: list[dict]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`answer_targets` of each micro-batch of one step, all with the same K (the largest
+    any needs), so that they stack."""
+    k = max(answer_targets(b["loss_mask"], b["input_ids"])[0].shape[1] for b in batches)
+    return [answer_targets(b["loss_mask"], b["input_ids"], k) for b in batches]
+
+
+def as_step_args(micro: list[tuple]) -> tuple:
+    """The step arguments of one micro-batch as they are, of several as one tuple per
+    argument (what `steps.sft_grad` / `grpo_grad` accumulate over)."""
+    return micro[0] if len(micro) == 1 else tuple(zip(*micro, strict=True))
 
 
 def decode_start(batch) -> np.ndarray:

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tempo_jax import cli
 from tempo_jax import sharding as shd
 from tempo_jax.data.batching import global_batch
-from tempo_jax.data.pipeline import batch_patch_capacity, collate
+from tempo_jax.data.pipeline import batch_patch_capacity, collate, collate_alike
 from tempo_jax.distributed import all_rows
 from tempo_jax.generate import SamplingConfig
 from tempo_jax.inference import answer_sampling, sample_rows
@@ -68,39 +69,54 @@ def advantages(total: np.ndarray, num_samples: int, scale_rewards: bool) -> np.n
 
 @dataclasses.dataclass
 class UpdateBatch:
-    """The arrays of one GRPO update, global on the mesh."""
+    """The arrays of one GRPO update, global on the mesh; with gradient accumulation each
+    field is a tuple of its micro-batches' arrays (of equal shapes)."""
 
-    inputs: dict
+    inputs: dict | tuple
     completions: Any
     comp_mask: Any
     start: Any
     old_logps: Any
     advantages: Any
 
+    def micro(self) -> list[tuple]:
+        """The micro-batches, each as (inputs, completions, comp_mask, start, old_logps,
+        advantages)."""
+        fields = (self.inputs, self.completions, self.comp_mask, self.start, self.old_logps,
+                  self.advantages)
+        return list(zip(*fields, strict=True)) if isinstance(self.inputs, tuple) else [fields]
+
 
 def update_batch(trainer: Any, done: list[dict], picks, valid: np.ndarray, pcfg, capacity,
-                 rc) -> UpdateBatch:
+                 rc, accum: int = 1) -> UpdateBatch:
     """The picked groups' prompts, completions, old log-probs and advantages; padding groups
-    (no informative group left to fill the batch) are masked out of the loss."""
+    (no informative group left to fill the batch) are masked out of the loss. `accum`
+    micro-batches of whole groups (`optim.accum_steps`), collated to equal shapes."""
     g = rc.num_generations
     vision = trainer.model.config.vision
-    batch = collate([done[k]["examples"][j] for k, j in picks], pcfg, vision,
-                    patch_capacity=capacity)
-    inputs = global_batch(batch, trainer.mesh, trainer.rules, model_config=trainer.model.config,
-                          pad_side="left")
-
-    def rows_of(get):
-        return np.concatenate([get(done[k])[j * g:(j + 1) * g] for k, j in picks])
-
-    tokens = rows_of(lambda d: d["out"].tokens)
-    lengths = rows_of(lambda d: d["out"].lengths)
-    adv = advantages(rows_of(lambda d: d["total"]), g, rc.scale_rewards)
-    comp_mask = ((np.arange(tokens.shape[1])[None, :] < lengths[:, None])
-                 & np.repeat(valid, g)[:, None])
-    start = np.repeat(data_lib.decode_start(batch), g)
+    parts = data_lib.chunks(list(range(len(picks))), accum)
+    batches = collate_alike([[done[picks[i][0]]["examples"][picks[i][1]] for i in part]
+                             for part in parts], pcfg, vision,
+                            patch_capacity=capacity // len(parts))
     rows = functools.partial(shd.shard_rows, mesh=trainer.mesh, rules=trainer.rules)
-    return UpdateBatch(inputs, rows(tokens), rows(comp_mask), rows(start),
-                       rows(rows_of(lambda d: d["out"].logprobs)), rows(adv))
+    micro = []
+    for part, batch in zip(parts, batches, strict=True):
+        inputs = global_batch(batch, trainer.mesh, trainer.rules,
+                              model_config=trainer.model.config, pad_side="left")
+
+        def rows_of(get, part=part):
+            return np.concatenate([get(done[picks[i][0]])[picks[i][1] * g:(picks[i][1] + 1) * g]
+                                   for i in part])
+
+        tokens = rows_of(lambda d: d["out"].tokens)
+        lengths = rows_of(lambda d: d["out"].lengths)
+        adv = advantages(rows_of(lambda d: d["total"]), g, rc.scale_rewards)
+        comp_mask = ((np.arange(tokens.shape[1])[None, :] < lengths[:, None])
+                     & np.repeat(valid[part], g)[:, None])
+        start = np.repeat(data_lib.decode_start(batch), g)
+        micro.append((inputs, rows(tokens), rows(comp_mask), rows(start),
+                      rows(rows_of(lambda d: d["out"].logprobs)), rows(adv)))
+    return UpdateBatch(*data_lib.as_step_args(micro))
 
 
 def update(trainer: Any, steps: Steps, ub: UpdateBatch, opt_state, ref_params, gcfg, g: int):
@@ -109,8 +125,10 @@ def update(trainer: Any, steps: Steps, ub: UpdateBatch, opt_state, ref_params, g
     ref = None
     if ref_params is not None:
         with shd.use_mesh(trainer.mesh, trainer.rules):
-            ref = steps.ref_logps(ref_params, trainer.frozen, trainer.graphdef, ub.inputs,
-                                  ub.completions, ub.comp_mask, ub.start, g)
+            ref = [steps.ref_logps(ref_params, trainer.frozen, trainer.graphdef, inputs,
+                                   completions, comp_mask, start, g)
+                   for inputs, completions, comp_mask, start, _, _ in ub.micro()]
+        ref = ref[0] if len(ref) == 1 else tuple(ref)
     skipped = 0
     for _ in range(gcfg.num_iterations):
         with shd.use_mesh(trainer.mesh, trainer.rules):
@@ -159,6 +177,10 @@ def run_grpo(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | N
         if rc.beta > 0:
             ref_params = trainer.reference_params()
     g = rc.num_generations
+    accum = max(1, c.optim.accum_steps)
+    if rc.batch_size % accum:
+        raise cli.UsageError(f"rl.batch_size {rc.batch_size} is not a multiple of "
+                             f"optim.accum_steps {accum}")
     sampling = rollout_sampling(rc)
     rounds = 1 + (max(0, rc.get("max_refills", 0)) if rc.get("filter_groups") else 0)
     sampler = data_lib.PirSampler(data, trainer.tokenizer, vision)
@@ -195,7 +217,7 @@ def run_grpo(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | N
             if all_rows(np.array([n_good >= rc.batch_size])).all():
                 break
         picks, valid = grpo_lib.fill_groups([d["informative"] for d in done], rc.batch_size)
-        ub = update_batch(trainer, done, picks, valid, pcfg, capacity, rc)
+        ub = update_batch(trainer, done, picks, valid, pcfg, capacity, rc, accum)
         opt_state, loss, m, skipped = update(trainer, steps, ub, opt_state, ref_params, gcfg, g)
         return StepResult(opt_state, _rollout_metrics(done, loss, m, valid), skipped=skipped,
                           tokens=int(all_rows(np.concatenate(

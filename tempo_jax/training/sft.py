@@ -8,13 +8,12 @@ import logging
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tempo_jax import cli
 from tempo_jax import sharding as shd
 from tempo_jax.data.batching import global_batch
-from tempo_jax.data.pipeline import collate
+from tempo_jax.data.pipeline import collate_alike
 from tempo_jax.training import data as data_lib
 from tempo_jax.training.loop import StepResult, run_stage
 from tempo_jax.training.optimizer import make_optimizer
@@ -50,7 +49,7 @@ def run_sft(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | No
             raise ValueError(f"sft.batch_size {c.sft.batch_size} is not a multiple of "
                              f"optim.accum_steps {accum}")
         loader = trainer.stream(data.train, data.video_root, dataclasses.replace(
-            pcfg, batch_size=c.sft.batch_size // accum), resume_ckpt, "sft")
+            pcfg, batch_size=c.sft.batch_size // accum), resume_ckpt, "sft", collated=False)
     steps = make_steps(make_optimizer(c.sft.learning_rate, c.sft.warmup_steps, c.sft.steps,
                                       c.optim))
     opt_state = steps.tx.init(trainer.params)
@@ -60,33 +59,30 @@ def run_sft(trainer: Any, data: data_lib.Data, step0: int, resume_ckpt: int | No
     sampler = data_lib.PirSampler(data, trainer.tokenizer, vision)
 
     def micro_batches(step: int) -> list[dict]:
+        """The step's micro-batches (one without accumulation), of equal shapes."""
         if loader is not None:
-            return [next(loader) for _ in range(accum)]
-        picked = sampler.pick(examples, np.random.default_rng([c.seed, 1, step]),
-                              c.sft.batch_size, pcfg, contrast_share=contrast)
-        return [collate(chunk, pcfg, vision) for chunk in data_lib.chunks(picked, accum)]
+            chunks = [next(loader) for _ in range(accum)]
+        else:
+            picked = sampler.pick(examples, np.random.default_rng([c.seed, 1, step]),
+                                  c.sft.batch_size, pcfg, contrast_share=contrast)
+            chunks = data_lib.chunks(picked, accum)
+        return collate_alike(chunks, pcfg, vision)
 
     def step_fn(step: int, opt_state) -> StepResult:
         micro = micro_batches(step)
-        grads, metrics, tokens = None, None, 0
-        for batch in micro:  # gradient accumulation: each micro-batch is its own batch
-            targets = [shd.shard_rows(a, trainer.mesh, trainer.rules, pad_axis=1) for a in
-                       data_lib.answer_targets(batch["loss_mask"], batch["input_ids"])]
-            inputs = global_batch(batch, trainer.mesh, trainer.rules,
-                                  model_config=trainer.model.config)
-            with shd.use_mesh(trainer.mesh, trainer.rules):
-                (_, m), g = steps.sft_grad(trainer.params, trainer.frozen, trainer.graphdef,
-                                           inputs, *targets)
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-            del g  # one gradient tree alive at a time (what the planner counts)
-            metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
-            tokens += int(batch["attention_mask"].sum())
-        n = len(micro)
-        if n > 1:
-            grads = jax.tree.map(lambda x: x / n, grads)
-            metrics = {k: v / n for k, v in metrics.items()}
+        args = []
+        for batch, targets in zip(micro, data_lib.micro_targets(micro), strict=True):
+            args.append((global_batch(batch, trainer.mesh, trainer.rules,
+                                      model_config=trainer.model.config),
+                         *(shd.shard_rows(a, trainer.mesh, trainer.rules, pad_axis=1)
+                           for a in targets)))
+        # accumulation runs inside the one jitted step (a scan over the micro-batches)
+        with shd.use_mesh(trainer.mesh, trainer.rules):
+            (_, metrics), grads = steps.sft_grad(trainer.params, trainer.frozen,
+                                                 trainer.graphdef, *data_lib.as_step_args(args))
         trainer.params, opt_state, ok = steps.apply(trainer.params, opt_state, grads,
                                                     metrics["loss"])
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         return StepResult(opt_state, metrics, skipped=int(not bool(ok)), tokens=tokens)
 
     return run_stage(trainer, "sft", "SFT", step0, c.sft.steps, step_fn, opt_state=opt_state,

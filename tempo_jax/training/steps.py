@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tempo_jax import sharding as shd
 from tempo_jax.rl import grpo as grpo_lib
 
 
@@ -25,12 +26,14 @@ def _merge(graphdef, params, frozen):
     return nnx.merge(graphdef, params, frozen)
 
 
-def sft_loss(params, frozen, graphdef, inputs, pred_pos, targets, valid):
+def sft_loss(params, frozen, graphdef, inputs, pred_pos, targets, valid, n=None):
+    """Mean cross-entropy of the answer tokens; `n` (a micro-batch of an accumulated step):
+    the whole step's token count, so that the micro-batches' losses add up to its mean."""
     model = _merge(graphdef, params, frozen)
     logits = model.forward(inputs, logits_positions=pred_pos)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    n = jnp.maximum(valid.sum(), 1)
+    n = jnp.maximum(valid.sum(), 1) if n is None else n
     loss = jnp.sum(nll * valid) / n
     acc = jnp.sum((jnp.argmax(logits, -1) == targets) * valid) / n
     return loss, {"loss": loss, "token_accuracy": acc}
@@ -75,15 +78,90 @@ def completion_logits(model: nnx.Module, prompt_inputs, completions, comp_mask, 
 
 
 def grpo_objective(params, frozen, graphdef, prompt_inputs, completions, comp_mask, start,
-                   old_logps, ref_logps, advantages, cfg, num_samples):
+                   old_logps, ref_logps, advantages, cfg, num_samples, norms=None):
+    """The PIR-GRPO loss of a batch; `norms` (a micro-batch of an accumulated step): the
+    whole step's denominators (`grpo.loss_norms`), so that the micro-batches' losses and
+    metrics add up to the step's."""
     model = _merge(graphdef, params, frozen)
     logits = completion_logits(model, prompt_inputs, completions, comp_mask, start, num_samples)
     logps = grpo_lib.sequence_logps(logits, completions)
-    loss, metrics = grpo_lib.grpo_loss(logps, old_logps, ref_logps, advantages, comp_mask, cfg)
+    norms = grpo_lib.loss_norms(comp_mask) if norms is None else norms
+    loss, metrics = grpo_lib.grpo_loss(logps, old_logps, ref_logps, advantages, comp_mask, cfg,
+                                       norms=norms)
     ent = grpo_lib.token_entropy(logits)
     metrics = dict(metrics)
-    metrics["entropy"] = jnp.sum(ent * comp_mask) / jnp.maximum(comp_mask.sum(), 1)
+    metrics["entropy"] = jnp.sum(ent * comp_mask) / norms["tokens"]
     return loss, metrics
+
+
+def _stack(batches):
+    """Micro-batches of equal shapes -> one tree with a leading micro-batch axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+
+def _scan_micro(value_and_grad, params, micro, maxed=frozenset()):
+    """Gradient accumulation inside one program: `value_and_grad(params, batch)` over the
+    leading axis of `micro` with `lax.scan`, the losses, metrics and gradients summed (the
+    metrics in `maxed` maximised); the per-micro-batch functions are normalised by the whole
+    step's counts, so the sums are the step's values. One micro-batch's activations are
+    alive at a time, and the running gradient sum beside them."""
+    one = jax.tree.map(lambda x: x[0], micro)
+    (loss0, m0), g0 = jax.eval_shape(value_and_grad, params, one)
+    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)  # noqa: E731
+    metrics0 = {k: jnp.full(v.shape, -jnp.inf, v.dtype) if k in maxed
+                else jnp.zeros(v.shape, v.dtype) for k, v in m0.items()}
+
+    def body(carry, batch):
+        loss, metrics, grads = carry
+        (part, m), g = value_and_grad(params, batch)
+        metrics = {k: jnp.maximum(metrics[k], m[k]) if k in maxed else metrics[k] + m[k]
+                   for k in metrics}
+        return (loss + part, metrics, jax.tree.map(jnp.add, grads, g)), None
+
+    (loss, metrics, grads), _ = jax.lax.scan(body, (zeros(loss0), metrics0, zeros(g0)), micro)
+    return (loss, metrics), grads
+
+
+def sft_grad(params, frozen, graphdef, inputs, pred_pos, targets, valid):
+    """`((loss, metrics), grads)` of the SFT loss. With tuples of micro-batches of equal
+    shapes (`inputs` a tuple of input dicts, the others tuples of arrays; gradient
+    accumulation, `optim.accum_steps`), one program scans over them and returns the values
+    of one batch as large as all of them together. The gradients leave laid out as the
+    parameters are."""
+    if not isinstance(inputs, tuple):
+        out = jax.value_and_grad(sft_loss, has_aux=True)(params, frozen, graphdef, inputs,
+                                                          pred_pos, targets, valid)
+    else:
+        n = jnp.maximum(sum(v.sum() for v in valid), 1)
+
+        def one(p, b):
+            return jax.value_and_grad(sft_loss, has_aux=True)(p, frozen, graphdef, *b, n=n)
+
+        out = _scan_micro(one, params, _stack(list(zip(inputs, pred_pos, targets, valid,
+                                                       strict=True))))
+    return out[0], shd.constrain_like(out[1], params)
+
+
+def grpo_grad(params, frozen, graphdef, prompt_inputs, completions, comp_mask, start,
+              old_logps, ref_logps, advantages, cfg, num_samples):
+    """`((loss, metrics), grads)` of the PIR-GRPO objective; tuples of micro-batches (each
+    whole groups of `num_samples` rows) are accumulated in one program as in `sft_grad`."""
+    args = (prompt_inputs, completions, comp_mask, start, old_logps, ref_logps, advantages)
+    if not isinstance(prompt_inputs, tuple):
+        out = jax.value_and_grad(grpo_objective, has_aux=True)(params, frozen, graphdef,
+                                                               *args, cfg, num_samples)
+    else:
+        norms = grpo_lib.loss_norms(jnp.concatenate(comp_mask))
+        if ref_logps is None:
+            args = (*args[:5], (None,) * len(prompt_inputs), args[6])
+
+        def one(p, b):
+            return jax.value_and_grad(grpo_objective, has_aux=True)(
+                p, frozen, graphdef, *b, cfg, num_samples, norms=norms)
+
+        out = _scan_micro(one, params, _stack(list(zip(*args, strict=True))),
+                          maxed=grpo_lib.MAX_METRICS)
+    return out[0], shd.constrain_like(out[1], params)
 
 
 def finite(loss, grads) -> jax.Array:
@@ -149,8 +227,7 @@ def make_steps(tx: optax.GradientTransformation) -> Steps:
     jits afresh (a stage compiles its steps once), reading this module's loss functions at
     call time."""
     return Steps(
-        sft_grad=jax.jit(jax.value_and_grad(sft_loss, has_aux=True), static_argnums=(2,)),
-        grpo_grad=jax.jit(jax.value_and_grad(grpo_objective, has_aux=True),
-                          static_argnums=(2, 10, 11)),
+        sft_grad=jax.jit(sft_grad, static_argnums=(2,)),
+        grpo_grad=jax.jit(grpo_grad, static_argnums=(2, 10, 11)),
         ref_logps=jax.jit(reference_logps, static_argnums=(2, 7)),
         apply=apply_fn(tx), tx=tx)
