@@ -275,12 +275,64 @@ def test_topology_names():
         P.topology_name(v5p, 24)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not P.libtpu_available()[0], reason="libtpu not installed")
-def test_aot_compiles_for_a_tpu_topology():
-    """The trainer's steps (tempo_jax.training.steps), compiled for a 4-chip v5p slice on
-    this CPU."""
+def test_tpu_compiler_plans_every_phase_of_the_tiny_config(capsys):
+    """The trainer's steps (tempo_jax.training.steps) and the rollout's sampling program,
+    compiled by the real TPU compiler (libtpu) for a 4-chip v5p slice on this CPU, as pods
+    run them: decoder scanned, splash attention (a Mosaic kernel, run per device under
+    shard_map). The optimizer apply's compiled arguments are the planner's parameters +
+    gradients + optimizer state, exactly up to the TPU's layout padding."""
     cfg = load_config("configs/tempo_r0.py:tiny")
+    cfg.model.scan_layers = True
+    cfg.model.attention_backend = "auto"  # splash on TPU
     p = P.run(cfg, {"fsdp": 4}, "v5p", method="aot")
-    assert p["method"] == "aot:v5:2x2x1"
-    assert p["per_device_bytes"] > 0 and p["fits"]
+    assert p["method"] == "aot:v5:2x2x1" and p["fits"] and p["attention_backend"] == "splash"
+    compiled = p["aot"]["phases"]
+    assert set(compiled) == set(P.aot.PHASES)
+    for name, ph in compiled.items():
+        assert ph["peak"] > 0 and ph["total"] >= ph["peak"], name
+        assert p["aot"]["compile_seconds"][name] > 0
+    apply, count = compiled["optimizer apply"], p["phases"]["optimizer apply"]
+    expected = count["parameters"] + count["gradients"] + count["optimizer state"]
+    padding = apply["argument_size_in_bytes"] - expected
+    print(f"apply arguments: compiled {apply['argument_size_in_bytes']:,} B, planned "
+          f"{expected:,} B, layout padding {padding:,} B ({100 * padding / expected:.2f}%)")
+    assert 0 <= padding <= 0.02 * expected
+    # the donated parameters and moments come back in place
+    assert apply["alias_size_in_bytes"] >= count["parameters"] + count["optimizer state"]
+    # the gradients leave sharded like the parameters (explicit layout): per device, the
+    # SFT step returns one shard of them, not a whole copy
+    assert compiled["sft step"]["output_size_in_bytes"] < 1.05 * count["gradients"]
+    text = P.format_plan(p)
+    assert "compiled / analytic" in text and "compile seconds" in text
+    assert "[plan] compiling sft step" in capsys.readouterr().err  # progress per phase
+
+
+@pytest.mark.skipif(not P.libtpu_available()[0], reason="libtpu not installed")
+def test_compiler_out_of_memory_is_a_verdict_not_an_error():
+    """The tiny config's GRPO batch scaled until its update cannot fit one 16 GiB v5e chip:
+    the compiler's RESOURCE_EXHAUSTED comes back as `fits: False` with the bytes it needed
+    and had, and the plan says so (also under --method auto)."""
+    cfg = load_config("configs/tempo_r0.py:tiny")
+    cfg.stages = "grpo"
+    cfg.rl.batch_size = 512
+    for method in ("aot", "auto"):
+        p = P.run(cfg, {"fsdp": 1}, "v5e", method=method, phases=["grpo update"])
+        assert p["method"].startswith("aot:v5e") and p["fits"] is False
+        refused = p["compiler_refused"]["grpo update"]
+        assert refused["needed"] > refused["available"] > 15 * 2**30
+        assert "RESOURCE_EXHAUSTED" in refused["message"]
+        assert "the compiler refused grpo update" in P.format_plan(p)
+
+
+def test_out_of_memory_messages_parse():
+    got = P.aot.out_of_memory(RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (90.48G) exceeds available HBM (15.75G)."))
+    assert got["needed"] == int(90.48 * 2**30) and got["available"] == int(15.75 * 2**30)
+    assert got["needed_for"] == "HLO temporaries" and got["fits"] is False
+    got = P.aot.out_of_memory(RuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+        "space hbm. Used 120.5G of 95.74G hbm. Exceeded hbm capacity by 24.8G."))
+    assert got["needed"] == int(120.5 * 2**30) and got["available"] == int(95.74 * 2**30)
+    assert P.aot.out_of_memory(RuntimeError("INVALID_ARGUMENT: a shape")) is None

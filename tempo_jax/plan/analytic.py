@@ -163,6 +163,15 @@ class Workload:
     def rows(self) -> int:
         return self.prompts * self.generations
 
+    @property
+    def update_prompts(self) -> int:
+        """Prompts of one micro-batch of the GRPO update (rl.batch_size / accum_steps)."""
+        return max(1, self.prompts // self.accum)
+
+    @property
+    def update_rows(self) -> int:
+        return self.update_prompts * self.generations
+
 
 def workload(config: ml_collections.ConfigDict, mcfg: ModelConfig) -> Workload:
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
@@ -453,8 +462,8 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
     params_b = sum(p.shard_bytes for p in plans)
     train_elems = sum(p.shard_size for p in plans if p.trainable)
     train_b = sum(p.shard_bytes for p in plans if p.trainable)
-    # SFT with accumulation (tempo_jax.training.sft) keeps a running sum beside each
-    # micro-batch's gradients, and the sum beside its mean during the update
+    # an accumulated gradient step (tempo_jax.training.steps: a scan over the micro-batches)
+    # keeps the running sum beside each micro-batch's gradients
     grads_b = train_b * (2 if w.accum > 1 else 1)
     opt_per = optimizer_bytes_per_param(config, dtype)
     opt_b = train_elems * opt_per
@@ -476,10 +485,10 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
         kv = roll.pop("rollout KV cache")
         phases["grpo rollout"] = {**static, "rollout KV cache": kv, "activations": roll,
                                   "fsdp all-gather buffers": gather_b}
-        act = train_activations(loc, w, rows=w.rows, length=w.seq + w.new_tokens,
-                                logits_len=w.new_tokens, prompts=w.prompts, remat=remat,
+        act = train_activations(loc, w, rows=w.update_rows, length=w.seq + w.new_tokens,
+                                logits_len=w.new_tokens, prompts=w.update_prompts, remat=remat,
                                 backend=backend, vision_trainable=not freeze)
-        phases["grpo update"] = {**static, "gradients": train_b, "activations": act,
+        phases["grpo update"] = {**static, "gradients": grads_b, "activations": act,
                                  "fsdp all-gather buffers": gather_b}
     # The update: the factory's `apply` (tempo_jax.training.steps.apply_fn) donates the
     # parameters and the optimizer state, so it holds ONE copy of each (updated in place),
@@ -508,7 +517,7 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
     batch_div = mesh["data"] * mesh["fsdp"]
     for label, n in (("sft micro-batch", w.sft_rows if w.sft else 0),
                      ("rl.batch_size (prompts)", w.prompts if w.grpo else 0),
-                     ("GRPO rows (prompts x G)", w.rows if w.grpo else 0)):
+                     ("GRPO update micro-batch rows", w.update_rows if w.grpo else 0)):
         if n and batch_div > 1 and n % batch_div:
             notes.append(f"{label} {n} is not divisible by data x fsdp = {batch_div}: those "
                          "rows are not split over the devices")
@@ -540,7 +549,7 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
         "dtype": dtype,
         "remat": remat,
         "attention_backend": backend,
-        "workload": {**dataclasses.asdict(w), "rows": w.rows},
+        "workload": {**dataclasses.asdict(w), "rows": w.rows, "update_rows": w.update_rows},
         "bytes": {
             "parameters": params_b, "gradients": grads_b, "optimizer state": opt_b,
             "reference model": ref_b,

@@ -20,8 +20,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -43,6 +45,9 @@ from tempo_jax.training.steps import make_steps
 
 PHASES = ("sft step", "grpo rollout", "grpo update", "optimizer apply")
 
+# seconds: all four phases of the slowest default config (README's table) on 2 CPU cores
+TIMEOUT_BASIS = 600
+
 # the subprocess of `aot_plan`
 WORKER = "from tempo_jax.plan.aot import worker; worker()"
 
@@ -54,11 +59,23 @@ def libtpu_available() -> tuple[bool, str]:
     return True, ""
 
 
+def default_timeout(config: ml_collections.ConfigDict) -> float:
+    """Seconds to allow the four phases' compilation: measured on 2 CPU cores (libtpu
+    0.0.42, scanned decoder, README's table) the slowest full-size config took TIMEOUT_BASIS
+    seconds for all phases; allow 3x that, scaled by depth for an unrolled decoder."""
+    layers = int(setup.model_config(config).text.num_hidden_layers)
+    scale = 1.0 if config.model.get("scan_layers", False) else max(1.0, layers / 4)
+    return 3 * TIMEOUT_BASIS * scale
+
+
 def aot_plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
-             timeout: float = 1800, phases: Sequence[str] | None = None) -> dict:
+             timeout: float | None = None, phases: Sequence[str] | None = None) -> dict:
     """Compile the training steps for the real TPU topology in a subprocess and return
     `{"topology", "phases": {phase: memory_analysis numbers}, "compile_seconds"}`, or
-    `{"error": reason}`."""
+    `{"error": reason}`. A phase the compiler finds too large for the chip is a result
+    (`fits: False` with the bytes it needed and had), not an error. Progress per phase goes
+    to stderr."""
+    timeout = default_timeout(config) if timeout is None else timeout
     chip_spec = chip_info(chip)
     if chip_spec.platform != "tpu":
         return {"error": f"AOT compilation here targets TPUs; {chip} is a GPU"}
@@ -74,16 +91,44 @@ def aot_plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str,
                       "topology": topo, "phases": list(phases or [])})
     env = dict(os.environ)
     env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes a lock file per host: without this a second planner (or a test beside a
+    # run) stops at "TPU in use"; the compile-only client never touches a chip
+    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     env["JAX_PLATFORMS"] = "cpu"  # the TPU client is compile-only, made by the topology
+    proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out_lines: list[str] = []
+    err_lines: list[str] = []
+
+    def read_out():
+        out_lines.extend(proc.stdout)
+
+    def relay():  # the worker's progress lines to our stderr, the rest kept for errors
+        for line in proc.stderr:
+            if line.startswith("[plan]"):
+                print(line, end="", file=sys.stderr, flush=True)
+            err_lines.append(line)
+            del err_lines[:-200]
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_out, relay)]
+    for r in readers:
+        r.start()
+    proc.stdin.write(job)
+    proc.stdin.close()
     try:
-        proc = subprocess.run([sys.executable, "-c", WORKER], input=job,
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"AOT compilation did not finish in {timeout:.0f}s"}
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        proc.kill()
+        proc.wait()
+        return {"error": f"AOT compilation did not finish in {timeout:.0f}s (--aot-timeout)"}
+    for r in readers:
+        r.join(timeout=10)
+    lines = [x for x in out_lines if x.startswith("{")]
     if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"AOT compilation failed ({tail[:300]})"}
+        tail = [x.strip() for x in err_lines if x.strip() and not x.startswith("[plan]")]
+        why = next((x for x in reversed(tail) if "Error" in x), tail[-1] if tail else
+                   "no output")
+        return {"error": f"AOT compilation failed ({why[:300]})"}
     return json.loads(lines[-1])
 
 
@@ -128,16 +173,53 @@ def abstract_inputs(config: ml_collections.ConfigDict, mcfg: ModelConfig, rows: 
 
 
 def memory_stats(compiled) -> dict:
-    """`compiled.memory_analysis()` as a dict, with `peak` = arguments + outputs - the
-    outputs aliased to (donated) arguments + temporaries + generated code."""
+    """`compiled.memory_analysis()` as a dict (bytes per device), with `peak`: the larger of
+    XLA's `peak_memory_in_bytes` and arguments + outputs - the outputs aliased to (donated)
+    arguments + temporaries + generated code."""
     m = compiled.memory_analysis()
-    out = {k: int(getattr(m, k)) for k in (
+    out = {k: int(getattr(m, k, 0) or 0) for k in (
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-        "temp_size_in_bytes", "generated_code_size_in_bytes")}
-    out["peak"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                   - out["alias_size_in_bytes"] + out["temp_size_in_bytes"]
-                   + out["generated_code_size_in_bytes"])
+        "temp_size_in_bytes", "generated_code_size_in_bytes", "host_temp_size_in_bytes",
+        "host_argument_size_in_bytes", "host_output_size_in_bytes",
+        "peak_memory_in_bytes")}
+    # the larger of the sum of the parts and XLA's own peak (its heap simulation): each
+    # undercounts somewhere (XLA:TPU can report temp 0 with a peak set; its peak of a
+    # donating program can count the aliased outputs beside the arguments, the sum cannot
+    # see temporaries that overlap), and "fits" should not rest on the smaller
+    parts = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+             - out["alias_size_in_bytes"] + out["temp_size_in_bytes"]
+             + out["generated_code_size_in_bytes"])
+    out["peak"] = max(parts, out["peak_memory_in_bytes"])
     return out
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
+# XLA:TPU's out-of-memory messages (libtpu 0.0.42): "Ran out of memory on HBM, the total
+# memory required for HLO temporaries (90.48G) exceeds available HBM (15.75G)", and the
+# older "Used 120.5G of 95.74G hbm. Exceeded hbm capacity by 24.8G."
+_OOM = (re.compile(r"required for (?P<what>[^(]+?) \(" + _SIZE + r"\) exceeds available "
+                   r"(?:HBM|hbm)[^(]*\(" + _SIZE + r"\)"),
+        re.compile(r"(?P<what>)Used " + _SIZE + r" of " + _SIZE + r" hbm"))
+
+
+def out_of_memory(error: BaseException) -> dict | None:
+    """The compiler's "does not fit" as figures: `{"fits": False, "needed", "available",
+    "needed_for", "message"}` (bytes, per device, as the compiler states them; binary units),
+    or None when `error` is not an out-of-memory verdict."""
+    msg = str(error)
+    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+        return None
+    for pattern in _OOM:
+        m = pattern.search(msg)
+        if m:
+            a, ua, b, ub = m.group(2), m.group(3), m.group(4), m.group(5)
+            return {"fits": False, "needed": int(float(a) * _UNITS[ua.upper()]),
+                    "available": int(float(b) * _UNITS[ub.upper()]),
+                    "needed_for": m.group("what").strip() or "the program",
+                    "message": msg.strip().splitlines()[0][:500]}
+    return {"fits": False, "needed": 0, "available": 0, "needed_for": "unknown",
+            "message": msg.strip().splitlines()[0][:500]}
 
 
 def local_bytes(tree) -> int:
@@ -191,31 +273,52 @@ def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
     opt_state = _like_params(jax.eval_shape(steps.tx.init, params), params, mesh)
     train_b, frozen_b, opt_b = local_bytes(params), local_bytes(frozen), local_bytes(opt_state)
     ref_b = train_b if w.reference else 0
-    accum_b = train_b if w.accum > 1 else 0  # SFT accumulation's running sum
     phases_out: dict[str, dict] = {}
     timings: dict[str, float] = {}
 
+    def progress(phase):
+        print(f"[plan] compiling {phase} ({len(mesh.devices.flat)} x "
+              f"{mesh.devices.flat[0].device_kind})...", file=sys.stderr, flush=True)
+
     def record(phase, lowered, resident, t0):
-        s = memory_stats(lowered.compile())
-        s["resident_not_in_arguments"] = resident
-        s["total"] = s["peak"] + resident
+        try:
+            s = memory_stats(lowered.compile())
+        except Exception as e:  # the compiler's "does not fit" is a verdict, not a failure
+            verdict = out_of_memory(e)
+            if verdict is None:
+                raise
+            s = {**verdict, "resident_not_in_arguments": resident}
+            s["total"] = s["needed"] + resident
+        else:
+            s["resident_not_in_arguments"] = resident
+            s["total"] = s["peak"] + resident
         phases_out[phase] = s
         timings[phase] = round(time.perf_counter() - t0, 1)
+        print(f"[plan] {phase}: {timings[phase]:.1f} s, peak "
+              f"{s['total'] / 2**30:.2f} GiB per device"
+              + ("" if s.get("fits", True) else " (the compiler: does not fit)"),
+              file=sys.stderr, flush=True)
 
     with shd.use_mesh(mesh, rules):  # the trainer traces its steps inside use_mesh
+        def micro(*args):
+            """The step's arguments as the trainer passes them: with accumulation, tuples
+            of `w.accum` micro-batches (scanned inside the one program)."""
+            return args if w.accum == 1 else tuple((a,) * w.accum for a in args)
+
         if w.sft and "sft step" in wanted:
             t0 = time.perf_counter()
+            progress("sft step")
             rows, k = w.sft_rows, w.answer_len
             inputs = abstract_inputs(config, mcfg, rows, w.seq, mesh, rules)
-            lowered = steps.sft_grad.lower(
-                params, frozen, graphdef, inputs, sds((rows, k), jnp.int32, ("batch", None)),
+            lowered = steps.sft_grad.lower(params, frozen, graphdef, *micro(
+                inputs, sds((rows, k), jnp.int32, ("batch", None)),
                 sds((rows, k), jnp.int32, ("batch", None)),
-                sds((rows, k), jnp.bool_, ("batch", None)))
-            record("sft step", lowered, opt_b + accum_b, t0)
-        if w.grpo and ("grpo rollout" in wanted or "grpo update" in wanted):
-            inputs = abstract_inputs(config, mcfg, w.prompts, w.seq, mesh, rules)
+                sds((rows, k), jnp.bool_, ("batch", None))))
+            record("sft step", lowered, opt_b, t0)
         if w.grpo and "grpo rollout" in wanted:
             t0 = time.perf_counter()
+            progress("grpo rollout")
+            inputs = abstract_inputs(config, mcfg, w.prompts, w.seq, mesh, rules)
             full_graphdef, full_state = nnx.split(model)
             lowered = sampling_program.lower(
                 full_graphdef, placed(full_state), inputs,
@@ -225,25 +328,28 @@ def compile_phases(config: ml_collections.ConfigDict, mesh: Mesh,
             record("grpo rollout", lowered, opt_b + ref_b, t0)
         if w.grpo and "grpo update" in wanted:
             t0 = time.perf_counter()
-            r, t = w.rows, w.new_tokens
+            progress("grpo update")
+            r, t = w.update_rows, w.new_tokens
+            inputs = abstract_inputs(config, mcfg, w.update_prompts, w.seq, mesh, rules)
             gcfg = grpo_lib.GRPOConfig(
                 num_generations=w.generations, eps_low=config.rl.eps_low,
                 eps_high=config.rl.eps_high, beta=config.rl.beta,
                 scale_rewards=config.rl.scale_rewards, loss_agg=config.rl.loss_agg,
                 num_iterations=config.rl.num_iterations)
             ref = sds((r, t), jnp.float32, ("batch", None)) if w.reference else None
-            lowered = steps.grpo_grad.lower(
-                params, frozen, graphdef, inputs, sds((r, t), jnp.int32, ("batch", None)),
+            lowered = steps.grpo_grad.lower(params, frozen, graphdef, *micro(
+                inputs, sds((r, t), jnp.int32, ("batch", None)),
                 sds((r, t), jnp.bool_, ("batch", None)), sds((r,), jnp.int32, ("batch",)),
                 sds((r, t), jnp.float32, ("batch", None)), ref,
-                sds((r,), jnp.float32, ("batch",)), gcfg, w.generations)
+                sds((r,), jnp.float32, ("batch",))), gcfg, w.generations)
             record("grpo update", lowered, opt_b + ref_b, t0)
         if "optimizer apply" in wanted:
             t0 = time.perf_counter()
+            progress("optimizer apply")
             # the gradients have the parameters' shapes, dtypes and shardings
             loss = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
             lowered = steps.apply.lower(params, opt_state, params, loss)
-            record("optimizer apply", lowered, frozen_b + ref_b + accum_b, t0)
+            record("optimizer apply", lowered, frozen_b + ref_b, t0)
     return {"phases": phases_out, "compile_seconds": timings}
 
 

@@ -46,7 +46,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def run(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str,
-        method: str = "auto", aot_timeout: float = 1800) -> dict:
+        method: str = "auto", aot_timeout: float | None = None,
+        phases: Sequence[str] | None = None) -> dict:
     """`analytic.plan`, then, for TPU chips and method auto/aot, the numbers of the steps
     compiled for the topology (`aot.aot_plan`) replace the analytic peak (the analytic
     breakdown stays alongside)."""
@@ -59,9 +60,9 @@ def run(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str,
                             "analytic")
         return p
     if aot.libtpu_available()[0]:
-        print(f"compiling the training steps for {p['devices']} x {chip} ahead of time (can "
-              f"take many minutes for 3B/7B; --method analytic skips it)", file=sys.stderr)
-    aot_out = aot.aot_plan(config, p["mesh"], chip, timeout=aot_timeout)
+        print(f"compiling the training steps for {p['devices']} x {chip} ahead of time "
+              "(--method analytic skips it)", file=sys.stderr)
+    aot_out = aot.aot_plan(config, p["mesh"], chip, timeout=aot_timeout, phases=phases)
     if "error" in aot_out:
         p["method_note"] = f"AOT unavailable, analytic count used: {aot_out['error']}"
         if method == "aot":
@@ -69,19 +70,31 @@ def run(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str,
         return p
     p["aot"] = aot_out
     p["method"] = f"aot:{aot_out['topology']}"
+    # each compiled phase's figure replaces its analytic total; phases not compiled
+    # (--phases) keep the count
+    totals = {k: ph["total"] for k, ph in p["phases"].items()}
     for name, ph in aot_out["phases"].items():
         if name in p["phases"]:
             p["phases"][name]["compiled total"] = ph["total"]
-    peak_phase = max(aot_out["phases"], key=lambda k: aot_out["phases"][k]["total"])
-    p["per_device_bytes"] = int(aot_out["phases"][peak_phase]["total"])
+        totals[name] = ph["total"]
+    peak_phase = max(totals, key=totals.get)
+    p["per_device_bytes"] = int(totals[peak_phase])
     p["peak_phase"] = peak_phase
-    p["fits"] = p["per_device_bytes"] <= p["hbm_bytes"]
+    refused = [k for k, ph in aot_out["phases"].items() if not ph.get("fits", True)]
+    # the compiler's verdict decides: a phase it refused does not fit, whatever the count
+    p["fits"] = not refused and p["per_device_bytes"] <= p["hbm_bytes"]
+    if refused:
+        p["compiler_refused"] = {k: {x: aot_out["phases"][k][x] for x in
+                                     ("needed", "available", "needed_for", "message")}
+                                 for k in refused}
     if not p["fits"] and p["smallest_mesh"] is None:  # the compiler disagrees: search above
         p["smallest_mesh"] = smallest_mesh(config, p["mesh"], chip,
                                            min_devices=2 * p["devices"])
     p["method_note"] = ("per-device peak from compiled.memory_analysis() of the steps "
-                        "compiled for the topology, plus resident state they do not take as "
-                        "arguments; the breakdown is analytic")
+                        "compiled for the topology (XLA's peak_memory_in_bytes), plus resident "
+                        "state they do not take as arguments; the breakdown is analytic"
+                        + ("; the compiler refused " + ", ".join(refused) + " (out of memory)"
+                           if refused else ""))
     return p
 
 
@@ -98,8 +111,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--method", default="auto", choices=("auto", "analytic", "aot"),
                         help="auto: AOT-compile for TPU chips when libtpu can run, else "
                              "analytic")
-    parser.add_argument("--aot-timeout", type=float, default=1800,
-                        help="seconds allowed for the AOT compilation before falling back")
+    parser.add_argument("--aot-timeout", type=float, default=None,
+                        help="seconds allowed for the AOT compilation before falling back "
+                             "(default: sized from the model, aot.default_timeout)")
+    parser.add_argument("--phases", default=None,
+                        help="AOT: compile only these phases (comma-separated, of "
+                             + ", ".join(aot.PHASES) + "); the others keep the analytic count")
     parser.add_argument("--json", action="store_true",
                         help="print the plan as one JSON object on the last line")
     args, rest = parser.parse_known_args(argv)
@@ -112,7 +129,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         apply_overrides(config, rest)
     except UsageError as e:
         parser.error(str(e))
-    p = run(config, mesh, args.chip, args.method, args.aot_timeout)
+    phases = None
+    if args.phases:
+        phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+        unknown = [x for x in phases if x not in aot.PHASES]
+        if unknown:
+            parser.error(f"unknown --phases {', '.join(unknown)}; choose from "
+                         + ", ".join(aot.PHASES))
+    p = run(config, mesh, args.chip, args.method, args.aot_timeout, phases)
     print(format_plan(p))
     if args.json:
         print(json.dumps(jsonable(p)))

@@ -62,9 +62,25 @@ def format_plan(p: dict) -> str:
                          + "".join(("" if v is None else fmt_gib(v)).rjust(16) for v in sub))
     aot = p.get("aot") or {}
     if aot.get("phases"):
-        lines.append("  compiled (memory_analysis)".ljust(width) + "".join(
-            (fmt_gib(aot["phases"][n]["total"]) if n in aot["phases"] else "-").rjust(16)
+        def compiled(n):
+            if n not in aot["phases"]:
+                return "-"
+            ph = aot["phases"][n]
+            return (fmt_gib(ph["total"]) if ph.get("fits", True)
+                    else f"OOM {fmt_gib(ph['total'])}")
+
+        lines.append("  compiled (memory_analysis)".ljust(width)
+                     + "".join(compiled(n).rjust(16) for n in names))
+        lines.append("  compiled / analytic".ljust(width) + "".join(
+            (f"{aot['phases'][n]['total'] / p['phases'][n]['total']:.2f}"
+             if n in aot["phases"] and p["phases"][n].get("total") else "-").rjust(16)
             for n in names))
+        lines.append("  compile seconds".ljust(width) + "".join(
+            (f"{aot['compile_seconds'][n]:.1f}" if n in aot.get("compile_seconds", {})
+             else "-").rjust(16) for n in names))
+    for n, r in (p.get("compiler_refused") or {}).items():
+        lines.append(f"the compiler refused {n}: {r['needed_for']} need "
+                     f"{r['needed'] / GiB:.2f} GiB of {r['available'] / GiB:.2f} GiB")
     lines.append("")
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines.append(f"peak: {p['per_device_bytes'] / GiB:.2f} GiB ({p['peak_phase']}) of "
