@@ -17,6 +17,11 @@ import numpy as np
 from flax import nnx
 
 from tempo_jax.models.attention import attention
+from tempo_jax.sharding import constrain
+
+# a vision tower's patch activations [N, D]: the patches of the whole batch, split over the
+# batch axes as the rows they come from are
+PATCHES = ("batch", None)
 
 REMAT_POLICIES = ("none", "full", "dots")
 RESIDUAL = ("batch", "seq", "embed")  # logical names of the activations (sharding.constrain)
@@ -237,7 +242,8 @@ def segment_attention(q, k, v, index, valid, slot, opts: RuntimeOptions):
     """
     s, lmax = index.shape
     # head-major: [N, H, D] -> [H, N, D] -> gather [H, S, Lmax, D] -> [S, H, Lmax, D]
-    qs, ks, vs = (jnp.swapaxes(jnp.swapaxes(t, 0, 1)[:, index], 0, 1) for t in (q, k, v))
+    qs, ks, vs = (constrain(jnp.swapaxes(jnp.swapaxes(t, 0, 1)[:, index], 0, 1),
+                            ("batch", "heads", None, None)) for t in (q, k, v))
     out = attention(
         qs, ks, vs, scale=q.shape[-1] ** -0.5, backend=opts.attention_backend,
         kv_valid=valid, causal=False, splash_interpret=opts.splash_interpret,

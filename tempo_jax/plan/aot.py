@@ -146,9 +146,9 @@ def abstract_inputs(config: ml_collections.ConfigDict, mcfg: ModelConfig, rows: 
                     length: int, mesh: Mesh, rules: shd.Rules) -> dict:
     """Abstract (shape, dtype, sharding) model inputs of `rows` examples of `length` tokens,
     one video each at the SAA budget, laid out as `tempo_jax.data.batching.global_batch`
-    places a batch in one process: token arrays split over the batch axes, the vision arrays
-    replicated. (On several processes it splits the pixels over the devices instead: the
-    count here is the larger, one-process one.)"""
+    places a batch: token arrays split over the batch axes; the pixels replicated when the
+    mesh is one host's, and on a mesh of several hosts (a pod slice's topology) each host's
+    block of pixels side by side, split over all the devices (`_multihost_batch`)."""
     from tempo_jax.models.families import vision_metadata
 
     v = mcfg.vision
@@ -161,11 +161,19 @@ def abstract_inputs(config: ml_collections.ConfigDict, mcfg: ModelConfig, rows: 
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     rep = NamedSharding(mesh, P())
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    if hosts > 1 and rows % hosts == 0:
+        local_devs = mesh.devices.size // hosts
+        per_host = -(-(rows // hosts) * math.prod(grid) // local_devs) * local_devs
+        pixels = jax.ShapeDtypeStruct((per_host * hosts, v.patch_dim), jnp.float32,
+                                      sharding=NamedSharding(mesh, P(shd.MESH_AXES)))
+    else:
+        pixels = jax.ShapeDtypeStruct((n, v.patch_dim), jnp.float32, sharding=rep)
     return {
         "input_ids": sds((rows, length), jnp.int32, ("batch", "seq")),
         "attention_mask": sds((rows, length), jnp.int32, ("batch", "seq")),
         "position_ids": sds((3, rows, length), jnp.int32, (None, "batch", "seq")),
-        "pixel_values": jax.ShapeDtypeStruct((n, v.patch_dim), jnp.float32, sharding=rep),
+        "pixel_values": pixels,
         "vision_meta": {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
                         for k, a in meta.items()},
         "num_image_features": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),

@@ -24,6 +24,7 @@ from tempo_jax.models.decoder import Decoder, VisionLanguageModel
 from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
     LOGITS,
+    PATCHES,
     REMAT_POLICIES,
     RESIDUAL,
     CachedDecode,
@@ -40,6 +41,7 @@ from tempo_jax.models.layers import (
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+from tempo_jax.sharding import constrain
 
 __all__ = [  # RuntimeOptions, REMAT_POLICIES, RESIDUAL, LOGITS: re-exported from layers
     "LOGITS", "REMAT_POLICIES", "RESIDUAL", "Qwen25VL", "RuntimeOptions", "TextModel",
@@ -117,13 +119,15 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixels, meta: dict, opts: RuntimeOptions):
         """pixels [N, 1176] -> merged features [N / 4, out_hidden] in input order."""
-        x = self.patch_embed(pixels, opts.dtype)[meta["patch_perm"]]
+        # the patches of the whole batch split over the batch axes, like the rows they come
+        # from: each device runs the tower on its share, not the whole batch's
+        x = constrain(self.patch_embed(pixels, opts.dtype)[meta["patch_perm"]], PATCHES)
         cos, sin = vision_rotary(meta["rot_pos"], self.cfg.rope_theta, self.cfg.head_dim)
         full = set(self.cfg.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
             kind = "full" if i in full else "win"
-            x = blk(x, cos, sin, meta[f"{kind}_index"], meta[f"{kind}_valid"],
-                    meta[f"{kind}_slot"], opts)
+            x = constrain(blk(x, cos, sin, meta[f"{kind}_index"], meta[f"{kind}_valid"],
+                              meta[f"{kind}_slot"], opts), PATCHES)
         return self.merger(x, opts.dtype)[meta["reverse_index"]]
 
 

@@ -26,6 +26,7 @@ from tempo_jax.models.attention import attention
 from tempo_jax.models.decoder import Decoder, VisionLanguageModel
 from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
+    PATCHES,
     CachedDecode,
     Embed,
     LayerNorm,
@@ -42,6 +43,7 @@ from tempo_jax.models.layers import (
 from tempo_jax.models.qwen3_vl import positions as pos_lib
 from tempo_jax.models.qwen3_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata
+from tempo_jax.sharding import constrain
 
 Side = dict[str, jax.Array] | None  # the decoder's input besides the embeddings (DeepStack)
 
@@ -150,8 +152,10 @@ class VisionTower(nnx.Module):
         cos, sin = vision_rotary(meta["rot_pos"], self.cfg.rope_theta, self.cfg.head_dim)
         deep_at = {layer: j for j, layer in enumerate(self.cfg.deepstack_visual_indexes)}
         deep = [None] * len(deep_at)
+        x = constrain(x, PATCHES)  # each device runs the tower on its share of the patches
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, meta["full_index"], meta["full_valid"], meta["full_slot"], opts)
+            x = constrain(blk(x, cos, sin, meta["full_index"], meta["full_valid"],
+                              meta["full_slot"], opts), PATCHES)
             if i in deep_at:
                 deep[deep_at[i]] = self.deepstack_merger_list[deep_at[i]](x, opts.dtype)
         merged = self.merger(x, opts.dtype)
