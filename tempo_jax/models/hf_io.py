@@ -9,6 +9,7 @@ writing are the same for every family and live here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -252,3 +253,66 @@ def load_family_checkpoint(model_cls: type, config: Any, path: str | os.PathLike
         abstract_model(model_cls, config, dtype, options), path, hf_key=hf_key,
         from_hf=from_hf, hf_shape=hf_shape, dtype=dtype, mesh=mesh, rules=rules,
         optional_keys={"lm_head.weight"} if config.tie_word_embeddings else (), what=what, **kw)
+
+
+def _is_patch_kernel(path: tuple) -> bool:
+    return tuple(path[:2]) == ("visual", "patch_embed") and path[-1] == "kernel"
+
+
+def kernel_to_hf(path: tuple, value: np.ndarray, config: Any) -> np.ndarray:
+    """Our layout -> HF tensor layout, both families: Linear kernels are [in, out] here and
+    [out, in] there; the patch embedding is a Conv3d [out, C, T, P, P] there."""
+    if path[-1] != "kernel":
+        return value
+    if _is_patch_kernel(path):
+        v = config.vision
+        return value.T.reshape(
+            v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return value.T
+
+
+def kernel_from_hf(path: tuple, value: np.ndarray) -> np.ndarray:
+    """HF tensor layout -> ours (`kernel_to_hf` inverted)."""
+    if path[-1] != "kernel":
+        return value
+    if _is_patch_kernel(path):
+        return value.reshape(value.shape[0], -1).T
+    return value.T
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyIO:
+    """A family's checkpoint entry points, from its model class, config class and key
+    mapping (`hf_key`: our state path -> the released checkpoint's key)."""
+
+    model_cls: type
+    config_cls: type
+    hf_key: Callable[[Path], str]
+    name: str  # "Qwen2.5-VL", for messages
+    normalize_key: Callable[[str], str] | None = None
+    ignored_suffixes: tuple[str, ...] = ()
+
+    def abstract_model(self, config: Any, dtype: Any = jnp.bfloat16,
+                       options: Any = None) -> nnx.Module:
+        """The model's structure with shapes only (nothing allocated)."""
+        return abstract_model(self.model_cls, config, dtype, options)
+
+    def load_pretrained(self, path: str | os.PathLike, dtype: Any = jnp.bfloat16,
+                        mesh: Mesh | None = None, *, rules: shd.Rules = shd.DEFAULT_RULES,
+                        options: Any = None) -> nnx.Module:
+        """Load a Hugging Face checkpoint directory of this family. Tensors are read one at
+        a time (no file mapping kept), converted to `dtype`, and placed on their sharding
+        when `mesh` is given, so peak host memory stays near one model copy."""
+        kw = {"normalize_key": self.normalize_key} if self.normalize_key else {}
+        return load_family_checkpoint(
+            self.model_cls, self.config_cls.from_pretrained(path), path, hf_key=self.hf_key,
+            from_hf=kernel_from_hf, to_hf=kernel_to_hf, dtype=dtype, mesh=mesh, rules=rules,
+            options=options, what=f"the {self.name} config",
+            ignored_suffixes=self.ignored_suffixes, **kw)
+
+    def save_pretrained(self, model: nnx.Module, path: str | os.PathLike, *,
+                        max_shard_bytes: int = 4 * 2**30) -> list[str]:
+        """Write `config.json` (the family's released layout) and sharded safetensors with
+        an index that transformers' model class of this family loads."""
+        return save_family_checkpoint(model, path, hf_key=self.hf_key, to_hf=kernel_to_hf,
+                                      max_shard_bytes=max_shard_bytes)

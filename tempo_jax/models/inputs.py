@@ -10,6 +10,62 @@ from typing import Any
 import numpy as np
 
 
+def prepare_inputs(
+    config: Any,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    position_ids=None,
+    *,
+    num_patches: int | None = None,
+    bucketed: bool = False,
+    vision_positions: Callable,
+    vision_metadata: Callable,
+    host: Callable,
+) -> dict[str, Any]:
+    """Host side of a forward pass, both families: M-RoPE positions (when not given: 0, 1,
+    2, ... for text-only rows, else the family's `vision_positions(config, ids, mask,
+    image_grids, video_grids, second_per_grid_ts)`), vision metadata (the family's
+    `vision_metadata`), the image and video patches concatenated into one vision batch
+    (attention in the tower never crosses a temporal patch, so one call equals two).
+    `host` turns an argument into a numpy array (naming the caller when it is traced).
+
+    `num_patches` / `bucketed` pad the vision batch to a static shape (see `bucket`) so that
+    a dataset compiles a handful of times, not once per video.
+    """
+    from tempo_jax.models.positions import text_positions
+
+    ids = host(input_ids).astype(np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = np.ones_like(ids) if attention_mask is None else host(attention_mask).astype(np.int32)
+    mask = mask.reshape(ids.shape)
+    img_grid, vid_grid = host(image_grid_thw), host(video_grid_thw)
+    if position_ids is not None:
+        pos = host(position_ids)
+        if pos.ndim == 2:
+            pos = np.broadcast_to(pos[None], (3, *pos.shape))
+    elif img_grid is None and vid_grid is None:
+        pos = text_positions(mask)
+    else:
+        pos = np.asarray(vision_positions(config, ids, mask, img_grid, vid_grid,
+                                          host(second_per_grid_ts)))
+    if pos.shape != (3, *ids.shape):
+        raise ValueError(f"position_ids must be [3, B, L] = {(3, *ids.shape)}, got {pos.shape}")
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": pos.astype(np.int32),
+    }
+    return add_vision_inputs(
+        inputs, config, ((pixel_values, img_grid), (pixel_values_videos, vid_grid)),
+        vision_metadata, host, num_patches=num_patches, bucketed=bucketed)
+
+
 def add_vision_inputs(
     inputs: dict[str, Any],
     config: Any,

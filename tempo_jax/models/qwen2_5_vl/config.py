@@ -12,11 +12,13 @@ import dataclasses
 import os
 from typing import Any, ClassVar
 
+from tempo_jax.models.config_common import VisionShapes, VLMConfigBase, section_from
+
 MODEL_TYPE = "qwen2_5_vl"
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionShapes):
     depth: int = 32
     hidden_size: int = 1280
     intermediate_size: int = 3420
@@ -31,19 +33,6 @@ class VisionConfig:
     tokens_per_second: float = 2
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Flattened length of one 3D patch: channels x temporal x patch x patch (1176)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def merge_unit(self) -> int:
-        return self.spatial_merge_size**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +55,11 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(VLMConfigBase):
     family: ClassVar[str] = MODEL_TYPE  # which model family (a class constant, not a field)
 
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
-    tie_word_embeddings: bool = False
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
 
     def __post_init__(self):
         t = self.text
@@ -94,9 +76,6 @@ class ModelConfig:
         if self.vision.hidden_size % self.vision.num_heads:
             raise ValueError("vision hidden_size not divisible by num_heads")
 
-    def replace(self, **kw: Any) -> ModelConfig:
-        return dataclasses.replace(self, **kw)
-
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -111,57 +90,20 @@ class ModelConfig:
         if isinstance(d.get("text_config"), dict):
             text = {**d, **d["text_config"]}
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        rope_theta = rope.get("rope_theta", text.get("rope_theta", TextConfig.rope_theta))
-        section = tuple(rope.get("mrope_section", TextConfig.mrope_section))
-        text_cfg = TextConfig(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            num_attention_heads=text["num_attention_heads"],
+        text_cfg = section_from(
+            TextConfig, text, required=("vocab_size", "hidden_size", "intermediate_size",
+                                        "num_hidden_layers", "num_attention_heads"),
             num_key_value_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
-            rms_norm_eps=text.get("rms_norm_eps", TextConfig.rms_norm_eps),
-            rope_theta=float(rope_theta),
-            mrope_section=section,
-            max_position_embeddings=text.get(
-                "max_position_embeddings", TextConfig.max_position_embeddings
-            ),
-            hidden_act=text.get("hidden_act", "silu"),
-        )
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta",
+                                                             TextConfig.rope_theta))),
+            mrope_section=tuple(rope.get("mrope_section", TextConfig.mrope_section)))
         v = d.get("vision_config") or {}
-        vrope = v.get("rope_parameters") or {}
-        vision_cfg = VisionConfig(
-            depth=v.get("depth", VisionConfig.depth),
-            hidden_size=v.get("hidden_size", VisionConfig.hidden_size),
-            intermediate_size=v.get("intermediate_size", VisionConfig.intermediate_size),
-            num_heads=v.get("num_heads", VisionConfig.num_heads),
-            out_hidden_size=v.get("out_hidden_size", text_cfg.hidden_size),
+        vision_cfg = section_from(
+            VisionConfig, v, out_hidden_size=v.get("out_hidden_size", text_cfg.hidden_size),
             in_channels=v.get("in_channels", v.get("in_chans", 3)),
             patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
-            temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            window_size=v.get("window_size", 112),
-            fullatt_block_indexes=tuple(
-                v.get("fullatt_block_indexes", VisionConfig.fullatt_block_indexes)
-            ),
-            tokens_per_second=v.get("tokens_per_second", 2),
-            hidden_act=v.get("hidden_act", "silu"),
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
-        )
-        tie = d.get("tie_word_embeddings")
-        if tie is None:
-            tie = text.get("tie_word_embeddings", False)
-        return cls(
-            text=text_cfg,
-            vision=vision_cfg,
-            tie_word_embeddings=bool(tie),
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
-            bos_token_id=text.get("bos_token_id", 151643),
-            eos_token_id=text.get("eos_token_id", 151645),
-        )
+            rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+        return cls(text=text_cfg, vision=vision_cfg, **cls.shared_from_hf(d, text))
 
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """The released flat `config.json` layout (Qwen/Qwen2.5-VL-7B-Instruct)."""
@@ -247,49 +189,23 @@ def bench() -> ModelConfig:
     """Benchmark size: small enough for CPU timing, full vocabulary so the LM head costs what it
     does for real."""
     return ModelConfig(
-        text=TextConfig(
-            vocab_size=151936,
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            mrope_section=(8, 12, 12),
-        ),
-        vision=VisionConfig(
-            depth=8,
-            hidden_size=384,
-            intermediate_size=1024,
-            num_heads=6,
-            out_hidden_size=768,
-            fullatt_block_indexes=(3, 7),
-        ),
-        tie_word_embeddings=True,
-    )
+        text=TextConfig(vocab_size=151936, hidden_size=768, intermediate_size=2048,
+                        num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2,
+                        mrope_section=(8, 12, 12)),
+        vision=VisionConfig(depth=8, hidden_size=384, intermediate_size=1024, num_heads=6,
+                            out_hidden_size=768, fullatt_block_indexes=(3, 7)),
+        tie_word_embeddings=True)
 
 
 def tiny() -> ModelConfig:
     """CPU size for tests and the demo; the real Qwen vocabulary so the real tokenizer fits."""
     return ModelConfig(
-        text=TextConfig(
-            vocab_size=151936,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            mrope_section=(2, 3, 3),
-        ),
-        vision=VisionConfig(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            fullatt_block_indexes=(1,),
-        ),
-        tie_word_embeddings=True,
-    )
+        text=TextConfig(vocab_size=151936, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        mrope_section=(2, 3, 3)),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                            out_hidden_size=64, fullatt_block_indexes=(1,)),
+        tie_word_embeddings=True)
 
 
 PRESETS = {"7b": qwen2_5_vl_7b, "3b": qwen2_5_vl_3b, "bench": bench, "tiny": tiny}

@@ -12,16 +12,16 @@ the transformers-style convenience entry point that prepares those arrays itself
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tempo_jax.models import inputs as inputs_lib
 from tempo_jax.models.attention import attention
 from tempo_jax.models.decoder import Decoder, VisionLanguageModel
-from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
     LOGITS,
     PATCHES,
@@ -35,12 +35,12 @@ from tempo_jax.models.layers import (
     apply_rope,
     host_array,
     inv_freq,
-    segment_attention,
     vision_rotary,
 )
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+from tempo_jax.models.vision import PatchEmbed, VisionBlock
 from tempo_jax.sharding import constrain
 
 __all__ = [  # RuntimeOptions, REMAT_POLICIES, RESIDUAL, LOGITS: re-exported from layers
@@ -49,48 +49,9 @@ __all__ = [  # RuntimeOptions, REMAT_POLICIES, RESIDUAL, LOGITS: re-exported fro
 ]
 
 # --------------------------------------------------------------------------- vision tower
-class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.head_dim
-        self.qkv = Linear(d, 3 * d, bias=True, axes=("embed", "heads"), param_dtype=param_dtype,
-                          rngs=rngs)
-        self.proj = Linear(d, d, bias=True, axes=("heads", "embed"), param_dtype=param_dtype,
-                           rngs=rngs)
-
-    def __call__(self, x, cos, sin, index, valid, slot, opts: RuntimeOptions):
-        n = x.shape[0]
-        qkv = self.qkv(x, opts.dtype).reshape(n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        k = apply_rope(k, cos[:, None], sin[:, None])
-        out = segment_attention(q, k, v, index, valid, slot, opts)
-        return self.proj(out, opts.dtype)
-
-
-class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-        self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True,
-                            param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, cos, sin, index, valid, slot, opts):
-        x = x + self.attn(self.norm1(x), cos, sin, index, valid, slot, opts)
-        return x + self.mlp(self.norm2(x), opts.dtype)
-
-
-class PatchEmbed(nnx.Module):
-    """The reference Conv3d with kernel == stride is a matmul on flattened patches."""
-
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=False, axes=("patch", "embed"),
-                           param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, dtype):
-        return self.proj(x, dtype)
+def _mlp(cfg: VisionConfig, *, param_dtype, rngs) -> GatedMLP:
+    return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True,
+                    param_dtype=param_dtype, rngs=rngs)
 
 
 class PatchMerger(nnx.Module):
@@ -111,9 +72,10 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg, bias=False, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List(
-            [VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)]
+            [VisionBlock(cfg, norm=RMSNorm, mlp=_mlp, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(cfg.depth)]
         )
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
 
@@ -233,56 +195,21 @@ def _np(x):
     return host_array(x, "Qwen25VL.__call__")
 
 
-def prepare_inputs(
-    config: ModelConfig,
-    input_ids,
-    attention_mask=None,
-    pixel_values=None,
-    image_grid_thw=None,
-    pixel_values_videos=None,
-    video_grid_thw=None,
-    second_per_grid_ts=None,
-    position_ids=None,
-    *,
-    num_patches: int | None = None,
-    bucketed: bool = False,
-) -> dict:
-    """Host side of a forward pass: M-RoPE positions (when not given), vision metadata, the
-    image and video patches concatenated into one vision batch (attention in the tower never
-    crosses a temporal patch, so one call equals two).
+def _vision_positions(config: ModelConfig, ids, mask, img_grid, vid_grid, seconds):
+    pos, _ = pos_lib.rope_index(
+        ids, mask, img_grid, vid_grid, seconds,
+        spatial_merge_size=config.vision.spatial_merge_size,
+        tokens_per_second=config.vision.tokens_per_second,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+    )
+    return pos
 
-    `num_patches` / `bucketed` pad the vision batch to a static shape (see
-    `vision_meta.bucket`) so that a dataset compiles a handful of times, not once per video.
-    """
-    ids = _np(input_ids).astype(np.int32)
-    if ids.ndim == 1:
-        ids = ids[None]
-    mask = np.ones_like(ids) if attention_mask is None else _np(attention_mask).astype(np.int32)
-    mask = mask.reshape(ids.shape)
-    img_grid, vid_grid = _np(image_grid_thw), _np(video_grid_thw)
-    if position_ids is None:
-        if img_grid is None and vid_grid is None:
-            pos = pos_lib.text_positions(mask)
-        else:
-            pos, _ = pos_lib.rope_index(
-                ids, mask, img_grid, vid_grid, _np(second_per_grid_ts),
-                spatial_merge_size=config.vision.spatial_merge_size,
-                tokens_per_second=config.vision.tokens_per_second,
-                image_token_id=config.image_token_id,
-                video_token_id=config.video_token_id,
-                vision_start_token_id=config.vision_start_token_id,
-            )
-    else:
-        pos = _np(position_ids)
-        if pos.ndim == 2:
-            pos = np.broadcast_to(pos[None], (3, *pos.shape))
-    if pos.shape != (3, *ids.shape):
-        raise ValueError(f"position_ids must be [3, B, L] = {(3, *ids.shape)}, got {pos.shape}")
-    inputs: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": pos.astype(np.int32),
-    }
-    return add_vision_inputs(
-        inputs, config, ((pixel_values, img_grid), (pixel_values_videos, vid_grid)),
-        vision_metadata, _np, num_patches=num_patches, bucketed=bucketed)
+
+# Host side of a forward pass (`models.inputs.prepare_inputs`: M-RoPE positions when not
+# given, vision metadata, one vision batch); `second_per_grid_ts` sets the temporal position
+# step of each video (Qwen2.5-VL's absolute time encoding).
+prepare_inputs = functools.partial(
+    inputs_lib.prepare_inputs, vision_positions=_vision_positions,
+    vision_metadata=vision_metadata, host=_np)

@@ -17,13 +17,14 @@ import math
 import os
 from typing import Any, ClassVar
 
+from tempo_jax.models.config_common import VisionShapes, VLMConfigBase, section_from
 from tempo_jax.models.hf_io import read_config_json
 
 MODEL_TYPE = "qwen3_vl"
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(VisionShapes):
     """The SigLIP-2 based vision tower with DeepStack mergers (defaults: the 8B/32B tower)."""
 
     depth: int = 27
@@ -39,19 +40,6 @@ class VisionConfig:
     spatial_merge_size: int = 2
     hidden_act: str = "gelu_pytorch_tanh"
     rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Flattened length of one 3D patch: channels x temporal x patch x patch (1536)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def merge_unit(self) -> int:
-        return self.spatial_merge_size**2
 
     @property
     def num_grid_per_side(self) -> int:
@@ -79,18 +67,11 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(VLMConfigBase):
     family: ClassVar[str] = MODEL_TYPE  # which model family (a class constant, not a field)
 
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
-    tie_word_embeddings: bool = False
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
 
     def __post_init__(self):
         t, v = self.text, self.vision
@@ -115,9 +96,6 @@ class ModelConfig:
         if len(ds) > t.num_hidden_layers:
             raise ValueError("more DeepStack features than decoder layers to add them to")
 
-    def replace(self, **kw: Any) -> ModelConfig:
-        return dataclasses.replace(self, **kw)
-
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -131,57 +109,21 @@ class ModelConfig:
         text = d.get("text_config") or {}
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         td = TextConfig()
-        text_cfg = TextConfig(
-            vocab_size=text.get("vocab_size", td.vocab_size),
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            num_attention_heads=text["num_attention_heads"],
+        text_cfg = section_from(
+            TextConfig, text, required=("hidden_size", "intermediate_size",
+                                        "num_hidden_layers", "num_attention_heads"),
             num_key_value_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
             head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
-            rms_norm_eps=text.get("rms_norm_eps", td.rms_norm_eps),
             rope_theta=float(rope.get("rope_theta", text.get("rope_theta", td.rope_theta))),
             mrope_section=tuple(rope.get("mrope_section", td.mrope_section)),
             mrope_interleaved=bool(rope.get("mrope_interleaved", td.mrope_interleaved)),
-            max_position_embeddings=text.get("max_position_embeddings",
-                                             td.max_position_embeddings),
-            hidden_act=text.get("hidden_act", td.hidden_act),
-            attention_bias=bool(text.get("attention_bias", td.attention_bias)),
-        )
+            attention_bias=bool(text.get("attention_bias", td.attention_bias)))
         v = d.get("vision_config") or {}
-        vrope = v.get("rope_parameters") or {}
-        vd = VisionConfig()
-        vision_cfg = VisionConfig(
-            depth=v.get("depth", vd.depth),
-            hidden_size=v.get("hidden_size", vd.hidden_size),
-            intermediate_size=v.get("intermediate_size", vd.intermediate_size),
-            num_heads=v.get("num_heads", vd.num_heads),
-            out_hidden_size=v.get("out_hidden_size", vd.out_hidden_size),
-            num_position_embeddings=v.get("num_position_embeddings",
-                                          vd.num_position_embeddings),
-            deepstack_visual_indexes=tuple(
-                v.get("deepstack_visual_indexes", vd.deepstack_visual_indexes)),
-            in_channels=v.get("in_channels", vd.in_channels),
-            patch_size=v.get("patch_size", vd.patch_size),
-            temporal_patch_size=v.get("temporal_patch_size", vd.temporal_patch_size),
-            spatial_merge_size=v.get("spatial_merge_size", vd.spatial_merge_size),
-            hidden_act=v.get("hidden_act", vd.hidden_act),
-            rope_theta=float(vrope.get("rope_theta", vd.rope_theta)),
-        )
-        tie = d.get("tie_word_embeddings")
-        if tie is None:
-            tie = text.get("tie_word_embeddings", False)
-        return cls(
-            text=text_cfg,
-            vision=vision_cfg,
-            tie_word_embeddings=bool(tie),
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
-            bos_token_id=text.get("bos_token_id", d.get("bos_token_id", 151643)),
-            eos_token_id=text.get("eos_token_id", d.get("eos_token_id", 151645)),
-        )
+        vision_cfg = section_from(
+            VisionConfig, v,
+            rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta",
+                                                                   VisionConfig.rope_theta)))
+        return cls(text=text_cfg, vision=vision_cfg, **cls.shared_from_hf(d, text))
 
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """The released `config.json` layout (Qwen/Qwen3-VL-8B-Instruct)."""
@@ -294,26 +236,13 @@ def qwen3_vl_32b() -> ModelConfig:
 def tiny() -> ModelConfig:
     """CPU size for tests and the demo; the real Qwen vocabulary so the real tokenizer fits."""
     return ModelConfig(
-        text=TextConfig(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            mrope_section=(6, 5, 5),
-        ),
-        vision=VisionConfig(
-            depth=3,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=128,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=(0, 1),
-        ),
-        tie_word_embeddings=True,
-    )
+        text=TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                        mrope_section=(6, 5, 5)),
+        vision=VisionConfig(depth=3, hidden_size=64, intermediate_size=128, num_heads=2,
+                            out_hidden_size=128, num_position_embeddings=256,
+                            deepstack_visual_indexes=(0, 1)),
+        tie_word_embeddings=True)
 
 
 PRESETS = {

@@ -15,16 +15,16 @@ return_kv=False, side=side)`, `model.model.decode(...)`, `extend_side(side, n_ne
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tempo_jax.models import inputs as inputs_lib
 from tempo_jax.models.attention import attention
 from tempo_jax.models.decoder import Decoder, VisionLanguageModel
-from tempo_jax.models.inputs import add_vision_inputs
 from tempo_jax.models.layers import (
     PATCHES,
     CachedDecode,
@@ -37,12 +37,12 @@ from tempo_jax.models.layers import (
     apply_rope,
     host_array,
     inv_freq,
-    segment_attention,
     vision_rotary,
 )
 from tempo_jax.models.qwen3_vl import positions as pos_lib
 from tempo_jax.models.qwen3_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata
+from tempo_jax.models.vision import PatchEmbed, VisionBlock
 from tempo_jax.sharding import constrain
 
 Side = dict[str, jax.Array] | None  # the decoder's input besides the embeddings (DeepStack)
@@ -60,46 +60,6 @@ class VisionMLP(nnx.Module):
 
     def __call__(self, x, dtype):
         return self.linear_fc2(act_fn(self.act)(self.linear_fc1(x, dtype)), dtype)
-
-
-class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        kw = dict(bias=True, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = Linear(d, 3 * d, axes=("embed", "heads"), **kw)
-        self.proj = Linear(d, d, axes=("heads", "embed"), **kw)
-
-    def __call__(self, x, cos, sin, index, valid, slot, opts: RuntimeOptions):
-        n = x.shape[0]
-        qkv = self.qkv(x, opts.dtype).reshape(n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        k = apply_rope(k, cos[:, None], sin[:, None])
-        return self.proj(segment_attention(q, k, v, index, valid, slot, opts), opts.dtype)
-
-
-class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        self.norm1 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-        self.norm2 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, cos, sin, index, valid, slot, opts):
-        x = x + self.attn(self.norm1(x), cos, sin, index, valid, slot, opts)
-        return x + self.mlp(self.norm2(x), opts.dtype)
-
-
-class PatchEmbed(nnx.Module):
-    """The reference Conv3d (kernel == stride, with bias) is a matmul on flattened patches."""
-
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
-        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=True, axes=("patch", "embed"),
-                           param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x, dtype):
-        return self.proj(x, dtype)
 
 
 class PatchMerger(nnx.Module):
@@ -126,11 +86,12 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg, bias=True, param_dtype=param_dtype, rngs=rngs)
         self.pos_embed = Embed(cfg.num_position_embeddings, cfg.hidden_size,
                                param_dtype=param_dtype, rngs=rngs, axes=(None, "embed"))
         self.blocks = nnx.List(
-            [VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)]
+            [VisionBlock(cfg, norm=LayerNorm, mlp=VisionMLP, param_dtype=param_dtype,
+                         rngs=rngs) for _ in range(cfg.depth)]
         )
         self.merger = PatchMerger(cfg, postshuffle=False, param_dtype=param_dtype, rngs=rngs)
         self.deepstack_merger_list = nnx.List(
@@ -307,7 +268,9 @@ def _np(x):
     return host_array(x, "Qwen3VL.__call__")
 
 
-def _vision_positions(config: ModelConfig, ids, mask, img_grid, vid_grid) -> np.ndarray:
+def _vision_positions(config: ModelConfig, ids, mask, img_grid, vid_grid, seconds
+                      ) -> np.ndarray:
+    del seconds  # Qwen3-VL's positions step by frame, not by time
     pos, _ = pos_lib.rope_index(
         ids, mask, img_grid, vid_grid,
         spatial_merge_size=config.vision.spatial_merge_size,
@@ -318,51 +281,9 @@ def _vision_positions(config: ModelConfig, ids, mask, img_grid, vid_grid) -> np.
     return np.asarray(pos)
 
 
-def prepare_inputs(
-    config: ModelConfig,
-    input_ids,
-    attention_mask=None,
-    pixel_values=None,
-    image_grid_thw=None,
-    pixel_values_videos=None,
-    video_grid_thw=None,
-    second_per_grid_ts=None,
-    position_ids=None,
-    *,
-    num_patches: int | None = None,
-    bucketed: bool = False,
-) -> dict[str, Any]:
-    """Host side of a forward pass: M-RoPE positions (when not given), vision metadata, the
-    image and video patches concatenated into one vision batch (attention in the tower never
-    crosses a temporal patch, so one call equals two).
-
-    `second_per_grid_ts` is ignored (kept so both families share one signature). Without
-    `position_ids`, text-only rows get 0, 1, 2, ... and vision inputs use
-    `tempo_jax.models.qwen3_vl.positions.rope_index`. `num_patches` / `bucketed` pad the vision
-    batch to a static shape (see `vision_meta.bucket`).
-    """
-    del second_per_grid_ts
-    ids = _np(input_ids).astype(np.int32)
-    if ids.ndim == 1:
-        ids = ids[None]
-    mask = np.ones_like(ids) if attention_mask is None else _np(attention_mask).astype(np.int32)
-    mask = mask.reshape(ids.shape)
-    img_grid, vid_grid = _np(image_grid_thw), _np(video_grid_thw)
-    if position_ids is not None:
-        pos = _np(position_ids)
-        if pos.ndim == 2:
-            pos = np.broadcast_to(pos[None], (3, *pos.shape))
-    elif img_grid is None and vid_grid is None:
-        pos = pos_lib.text_positions(mask)
-    else:
-        pos = _vision_positions(config, ids, mask, img_grid, vid_grid)
-    if pos.shape != (3, *ids.shape):
-        raise ValueError(f"position_ids must be [3, B, L] = {(3, *ids.shape)}, got {pos.shape}")
-    inputs: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": pos.astype(np.int32),
-    }
-    return add_vision_inputs(
-        inputs, config, ((pixel_values, img_grid), (pixel_values_videos, vid_grid)),
-        vision_metadata, _np, num_patches=num_patches, bucketed=bucketed)
+# Host side of a forward pass (`models.inputs.prepare_inputs`); `second_per_grid_ts` is
+# ignored (kept so both families share one signature); vision rows' positions are
+# `positions.rope_index`'s.
+prepare_inputs = functools.partial(
+    inputs_lib.prepare_inputs, vision_positions=_vision_positions,
+    vision_metadata=vision_metadata, host=_np)
