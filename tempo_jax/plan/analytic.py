@@ -224,6 +224,12 @@ class Local:
     def dim(self, name: str, n: int) -> int:
         return self._local((name,), (n,))[0]
 
+    def videos(self, n: int) -> float:
+        """Videos' worth of patches on one device when `n` videos' patches are split over
+        the batch axes (the vision towers constrain their patches so, whether or not the
+        rows divide: `models.layers.PATCHES`)."""
+        return n / max(1, math.prod(self.mesh.get(a, 1) for a in ("data", "fsdp")))
+
     def residual(self, rows: int, length: int) -> tuple[int, int]:
         """(rows, hidden) of the residual stream [rows, L, hidden] on one device, sharded as
         the model constrains it (`RESIDUAL` names): when the batch does not divide, the
@@ -272,7 +278,7 @@ def attention_scores(loc: Local, b: int, length: int, backend: str, backward: bo
     return b * h * length * 8
 
 
-def vision_forward(loc: Local, videos: int, w: Workload, trainable: bool) -> dict[str, int]:
+def vision_forward(loc: Local, videos: float, w: Workload, trainable: bool) -> dict[str, int]:
     """The vision tower over `videos` videos of `visual_tokens` merged tokens each
     (x merge_unit patches), either family (Qwen3-VL's tower attends within a frame in every
     block, as Qwen2.5-VL's full-attention blocks do). Frozen (the 3B/7B recipe): forward
@@ -282,7 +288,7 @@ def vision_forward(loc: Local, videos: int, w: Workload, trainable: bool) -> dic
     max_pixels / patch^2 patches).
     Trainable (no remat in the tower): every block's intermediates and scores are kept."""
     v = loc.cfg.vision
-    n = videos * w.visual_tokens * v.merge_unit
+    n = math.ceil(videos * w.visual_tokens * v.merge_unit)
     c = loc.dtype_bytes
     heads = loc.dim("heads", v.num_heads)
     dv = v.hidden_size
@@ -290,7 +296,7 @@ def vision_forward(loc: Local, videos: int, w: Workload, trainable: bool) -> dic
     block = n * c * (4 * dv + 3 * dv * heads // v.num_heads + 3 * f)
     pixels = n * v.patch_dim * 4
     # Qwen3-VL: the DeepStack features of the listed layers, kept for the decoder
-    deep = (len(getattr(v, "deepstack_visual_indexes", ())) * videos * w.visual_tokens
+    deep = int(len(getattr(v, "deepstack_visual_indexes", ())) * videos * w.visual_tokens
             * v.out_hidden_size * c)
     residual = 2 * n * dv * c + deep
     if not trainable:
@@ -338,7 +344,7 @@ def train_activations(loc: Local, w: Workload, *, rows: int, length: int, logits
     vocab = loc.dim("vocab", t.vocab_size)
     logits = logit_copies * b * logits_len * vocab * 4
     tables = 2 * b * length * hd * 4 + 2 * layer_in
-    vis = vision_forward(loc, loc.rows(prompts), w, vision_trainable)
+    vis = vision_forward(loc, loc.videos(prompts), w, vision_trainable)
     decoder = saved + working + logits
     return {
         "saved layer inputs" if remat != "none" else "saved layer activations": saved,
@@ -375,7 +381,7 @@ def rollout_memory(loc: Local, w: Workload, backend: str,
     embeds = b_res * w.seq * d_res * c * 2 + 2 * bp * w.seq * t.head_dim * 4
     vocab = loc.dim("vocab", t.vocab_size)
     logits = 3 * rows * vocab * 4
-    vis = vision_forward(loc, bp, w, False)
+    vis = vision_forward(loc, loc.videos(w.prompts), w, False)
     return {
         "rollout KV cache": cache,
         "prefill K/V of the prompts": prefill_kv,
@@ -500,8 +506,9 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], chip: str, *,
     # with the guard, 4 without it; 1.25x the state with bf16 moments), checked against the
     # compiled `apply` in tests/test_plan.py; a compiler that fuses the update with the
     # select in place needs less. The global-norm clip and the finiteness check reduce to
-    # scalars.
-    update_tmp = opt_b
+    # scalars. XLA:TPU does fuse it: the apply compiled for v5p holds no temporaries at all
+    # (libtpu 0.0.42, scripts/plan_table.py), so for TPU chips none are counted.
+    update_tmp = 0 if chip_spec.platform == "tpu" else opt_b
     phases["optimizer apply"] = {
         "parameters": params_b, "gradients": grads_b, "optimizer state": opt_b,
         "reference model": ref_b, "update temporaries (skip guard)": update_tmp}
