@@ -499,14 +499,26 @@ def test_accumulation_equals_one_large_batch_in_one_program(demo_run, tmp_path, 
         call.lower = jitted.lower
         return steps.Steps(**{**s.__dict__, name: call})
 
-    monkeypatch.setattr(sft if stage == "sft" else __import__(
-        "tempo_jax.training.grpo", fromlist=["grpo"]), "make_steps", counting)
+    from tempo_jax.training import grpo as grpo_stage
+
+    monkeypatch.setattr(sft if stage == "sft" else grpo_stage, "make_steps", counting)
+    original_score = grpo_stage.score
+
+    def varied(texts, meta, rc, thinking):
+        """The rewards plus a deterministic function of each completion's text (the tiny
+        model's answers all earn the same reward: no advantage to learn from)."""
+        total, parts = original_score(texts, meta, rc, thinking)
+        return total + np.asarray([len(t) % 5 for t in texts], float) / 4, parts
+
+    monkeypatch.setattr(grpo_stage, "score", varied)
     params = {}
     for accum in (1, 4):
         calls.clear()
         wd = tmp_path / f"accum{accum}"
         shutil.copytree(demo_run[0] / "data", wd / "data")
+        # no warm-up, so both updates move the parameters
         over = {"optim.accum_steps": accum, "sft.steps": 2, "sft.batch_size": 8,
+                "sft.warmup_steps": 0, "rl.warmup_steps": 0, "rl.learning_rate": 1e-3,
                 "rl.steps": 2, "rl.batch_size": 4, "rl.num_iterations": 1}
         config = small_config(stages=stage, **over)
         with Trainer(config, wd) as trainer:
@@ -515,9 +527,7 @@ def test_accumulation_equals_one_large_batch_in_one_program(demo_run, tmp_path, 
             if stage == "sft":
                 sft.run_sft(trainer, data, 0, None)
             else:
-                from tempo_jax.training import grpo
-
-                grpo.run_grpo(trainer, data, 0, None)
+                grpo_stage.run_grpo(trainer, data, 0, None)
             params[accum] = {k: np.asarray(v) for k, v in trainer.params.flat_state()}
         assert calls == [accum > 1] * 2  # one gradient call per update
     diff = max(float(np.abs(params[1][k] - params[4][k]).max()) for k in params[1])

@@ -226,8 +226,13 @@ def make_steps(tx: optax.GradientTransformation) -> Steps:
     """The steps of a stage whose optimizer is `tx` (`optimizer.make_optimizer`). Each call
     jits afresh (a stage compiles its steps once), reading this module's loss functions at
     call time."""
+    # fresh wrappers: JAX caches traces per function object, and a stage must trace this
+    # module's loss functions as they are now (a test replaces one), not reuse another
+    # stage's trace
     return Steps(
-        sft_grad=jax.jit(sft_grad, static_argnums=(2,)),
-        grpo_grad=jax.jit(grpo_grad, static_argnums=(2, 10, 11)),
+        sft_grad=jax.jit(functools.wraps(sft_grad)(lambda *a: sft_grad(*a)),
+                         static_argnums=(2,)),
+        grpo_grad=jax.jit(functools.wraps(grpo_grad)(lambda *a: grpo_grad(*a)),
+                          static_argnums=(2, 10, 11)),
         ref_logps=jax.jit(reference_logps, static_argnums=(2, 7)),
         apply=apply_fn(tx), tx=tx)
