@@ -213,6 +213,9 @@ class Steps:
       G)` -> `[B * G, T]`
     - `apply(params, opt_state, grads, loss)` -> `(params, opt_state, ok)`; donates its
       first two arguments and leaves both unchanged when `ok` is False.
+
+    The gradient steps also take tuples of micro-batches in place of their batch arguments
+    (gradient accumulation inside the one program: `sft_grad`, `grpo_grad`).
     """
 
     sft_grad: Callable
