@@ -211,15 +211,18 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 
 
+def _variable_spec(v, rules: Rules, mesh) -> PartitionSpec:
+    """The PartitionSpec of one state leaf: a Variable by its `axes` metadata, anything else
+    replicated."""
+    axes = v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None
+    shape = v.get_value().shape if isinstance(v, nnx.Variable) else v.shape
+    return logical_to_spec(axes, rules, mesh, shape)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedSharding for every variable of an nnx State (from its `axes` metadata)."""
-
-    def one(v):
-        axes = v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None
-        shape = v.get_value().shape if isinstance(v, nnx.Variable) else v.shape
-        return named_sharding(mesh, axes, shape, rules)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v: NamedSharding(mesh, _variable_spec(v, rules, mesh)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
@@ -259,6 +262,13 @@ def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
         _RULES.reset(token)
 
 
+def active_mesh():
+    """The context mesh of the trace (`use_mesh`), or None when there is none or it has a
+    single device (nothing to lay out)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or math.prod(mesh.shape.values()) == 1 else mesh
+
+
 def current_rules() -> Rules:
     """The rules of the active `use_mesh` (the defaults outside one)."""
     return _RULES.get()
@@ -268,8 +278,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names (e.g. ('batch', 'seq', 'embed')) under the
     active `use_mesh`; a no-op without a mesh. Axes that do not divide a dimension are left
     replicated, as for parameters."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    mesh = active_mesh()
+    if mesh is None:
         return x
     spec = logical_to_spec(axes, _RULES.get(), mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
@@ -279,17 +289,12 @@ def constrain_like(tree, state: nnx.State):
     """`tree` (e.g. gradients) laid out as the variables of `state` are by their `axes`
     metadata, under the active `use_mesh` (a no-op without one): a jitted step's outputs
     then have the parameters' shardings whatever XLA's propagation would have chosen."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    mesh = active_mesh()
+    if mesh is None:
         return tree
     rules = _RULES.get()
-
-    def spec(v):
-        axes = v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None
-        shape = v.get_value().shape if isinstance(v, nnx.Variable) else v.shape
-        return logical_to_spec(axes, rules, mesh, shape)
-
-    specs = jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    specs = jax.tree.map(lambda v: _variable_spec(v, rules, mesh), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
     return jax.lax.with_sharding_constraint(tree, specs)
 
 

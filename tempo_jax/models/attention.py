@@ -10,8 +10,6 @@ Masks are boolean, True = may attend.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -208,8 +206,8 @@ def _on_each_device(local, q, k, v, q_segment_ids, kv_segment_ids):
     whole sequences on each device. q/k/v are [B, H, L, D]."""
     from tempo_jax import sharding as shd
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    mesh = shd.active_mesh()
+    if mesh is None:
         return local(q, k, v, q_segment_ids, kv_segment_ids)
     rules = shd.current_rules()
     rows = shd.logical_to_spec(("batch",), rules, mesh, q.shape[:1])[0]
