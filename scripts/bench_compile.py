@@ -3,6 +3,7 @@
     python scripts/bench_compile.py                    # depths 4, 12, 28; 3 rounds
     python scripts/bench_compile.py --depths 28 --reps 5 --hidden 256
     python scripts/bench_compile.py --platform tpu --depths 4,28 --reps 2   # libtpu's compiler
+    python scripts/bench_compile.py --full 7b:v5p:64 --reps 1   # the real 7B, 64 v5p chips
 
 Each measurement is `tempo_jax.plan.aot.compile_phases` on this machine's CPU: the trainer's
 own steps (the SFT gradient, the PIR-GRPO rollout's sampling program, the GRPO update's
@@ -13,6 +14,13 @@ width with `num_hidden_layers` = the depth (28 is Qwen2.5-VL-7B's depth); width 
 compiled kernels' sizes, not their number, which is what grows with depth. Prints, per phase
 and depth, the median (min, max) seconds of each layout and the per-round ratio
 unrolled / scanned; writes `--out` (JSON).
+
+`--full CONFIG:CHIP:DEVICES` measures the real thing instead: the default config's model
+(`configs/tempo_r0.py:CONFIG`, full width and depth, its vision tower included) compiled by
+libtpu for the slice, exactly as `python -m tempo_jax.plan --method aot` compiles it, with
+`model.scan_layers` off and on (the switch scans the decoder's layers and the vision tower's
+blocks). Each measurement compiles the SFT step, the rollout's sampling program and the GRPO
+update (`--phases`); the unrolled 7B takes about 20 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -74,6 +82,20 @@ def measure(depth: int, scan: bool, hidden: int, platform: str) -> dict[str, flo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_full(spec: str, scan: bool, phases: str) -> dict[str, float]:
+    """One planner run (`--method aot`) of a default config on a TPU slice: {phase: s}."""
+    config, chip, devices = spec.split(":")
+    out = subprocess.run(
+        [sys.executable, "-m", "tempo_jax.plan", "--config", f"configs/tempo_r0.py:{config}",
+         f"--config.model.scan_layers={scan}", "--mesh", f"fsdp={devices}", "--chip", chip,
+         "--method", "aot", "--phases", phases, "--aot-timeout", "7200", "--json"],
+        capture_output=True, text=True)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(lines[-1])["aot"]["compile_seconds"]
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4]), sys.argv[5])
@@ -85,15 +107,23 @@ def main() -> None:
     ap.add_argument("--platform", default="cpu", choices=("cpu", "tpu"),
                     help="tpu: libtpu's compiler for a 4-chip v5p slice (fsdp=4, splash), "
                          "from this CPU machine (needs the tpu extra)")
+    ap.add_argument("--full", default="",
+                    help="CONFIG:CHIP:DEVICES, e.g. 7b:v5p:64: the default config's real model "
+                         "compiled by libtpu for that slice (--depths and --hidden unused)")
+    ap.add_argument("--phases", default="sft step,grpo rollout,grpo update",
+                    help="--full: the phases to compile")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    args.out = args.out or Path(f"runs/bench_compile_{args.platform}.json")
-    depths = [int(d) for d in args.depths.split(",")]
+    name = args.full.replace(":", "_") if args.full else args.platform
+    args.out = args.out or Path(f"runs/bench_compile_{name}.json")
+    # --full: one "depth", the config's own (its layer count is the model's)
+    depths = [0] if args.full else [int(d) for d in args.depths.split(",")]
     raw: dict[str, dict[int, list[dict]]] = {"unrolled": {}, "scanned": {}}
     for r in range(args.reps):
         for depth in depths:
             for layout in ("unrolled", "scanned"):
-                got = measure(depth, layout == "scanned", args.hidden, args.platform)
+                got = (measure_full(args.full, layout == "scanned", args.phases) if args.full
+                       else measure(depth, layout == "scanned", args.hidden, args.platform))
                 raw[layout].setdefault(depth, []).append(got)
                 print(f"round {r + 1}/{args.reps} depth {depth:2d} {layout:8s} "
                       + ", ".join(f"{k} {v:.1f} s" for k, v in got.items()), flush=True)
@@ -114,7 +144,8 @@ def main() -> None:
                   f"{'':6s}{ratio['median']:6.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"hidden": args.hidden, "reps": args.reps,
-                                    "platform": args.platform, "table": table, "raw": raw},
+                                    "platform": "tpu" if args.full else args.platform,
+                                    "full": args.full, "table": table, "raw": raw},
                                    indent=2))
 
 

@@ -4,14 +4,16 @@ text alone?
     python scripts/probe_comparison.py                          # the demo's prompt, 1000 steps
     python scripts/probe_comparison.py --prompt short --target binary --steps 2000
     python scripts/probe_comparison.py --echo                    # the think repeats the query
+    python scripts/probe_comparison.py --prompt short --target binary --pads 0 --init width
 
 Refusing is a product of two features: the colour a query names and the colour the video
 shows (README, "The demo"). This probe takes the video out: the think states the video's
 object as text (`I see a blue square.`, the demo's caption think), so all the model must
-learn is whether the query names it. Each step trains the demo's tiny model (seed 0) on 16
-fresh text pairs, half relevant, on the decision token only, with the demo's optimizer; every
-`--every` steps it prints the AUC of P(refuse) on 128 held-out pairs (0.5: cannot tell the
-pairs apart). The last line is a JSON object with the curve.
+learn is whether the query names it. Each step trains the demo's tiny model (`--seed`;
+`--init`: `model.init_scale`) on 16 fresh text pairs, half relevant, on the decision token
+only, with the demo's optimizer (the data's seed is fixed: every variant sees the same
+pairs); every `--every` steps it prints the AUC of P(refuse) on 128 held-out pairs (0.5:
+cannot tell the pairs apart). The last line is a JSON object with the curve.
 
 `--prompt demo`: the demo's chat prompt without its video block (system prompt, question and
 answer-format instruction, `<think>I see a X Y.</think><answer>`); `--target answer`: the
@@ -39,6 +41,7 @@ from flax import nnx
 from tempo_jax.configs.tempo_r0 import get_config
 from tempo_jax.data import prompts as P
 from tempo_jax.grounding.metrics import refusal_auc
+from tempo_jax.models.init import INIT_SCALES
 from tempo_jax.models.positions import text_positions
 from tempo_jax.training import setup
 from tempo_jax.training.optimizer import make_optimizer
@@ -65,6 +68,10 @@ def main() -> None:
     ap.add_argument("--pads", type=int, default=30, help="short prompt: video placeholders")
     ap.add_argument("--hidden-size", type=int, default=0,
                     help="the tiny model's width (0: the demo's; the MLP is 4x as wide)")
+    ap.add_argument("--init", choices=INIT_SCALES, default="hf",
+                    help="the random initialisation (model.init_scale): hf = std 0.02, width = "
+                         "1/sqrt(fan-in), width_residual = width + GPT-2's residual scale")
+    ap.add_argument("--seed", type=int, default=0, help="the model's initialisation seed")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=200)
@@ -74,6 +81,7 @@ def main() -> None:
 
     colours = args.colours.split(",")
     config = get_config("tiny")
+    config.model.init_scale, config.seed = args.init, args.seed
     if args.hidden_size:
         config.model.tiny_overrides.hidden_size = args.hidden_size
         config.model.tiny_overrides.intermediate_size = 4 * args.hidden_size

@@ -1,4 +1,5 @@
-"""Scanned decoder layers (`model.scan_layers`) against the unrolled ones, both families, fp32:
+"""Scanned layers (`model.scan_layers`: the decoder's layers and the vision tower's blocks)
+against the unrolled ones, both families, fp32:
 the same logits, gradients of the SFT loss and of the GRPO objective (remat policies
 included), the same greedy tokens, byte-identical Hugging Face exports, either layout loading
 either export, and an Orbax checkpoint of one layout refused by the other with the switch
@@ -56,11 +57,13 @@ def pair(request, tmp_path_factory):
 
 
 def _stacked(tree: dict) -> dict:
-    """An unrolled pure parameter dict in the scanned layout (layers stacked)."""
+    """An unrolled pure parameter dict in the scanned layout (the decoder's layers and the
+    vision tower's blocks stacked)."""
     out = dict(tree)
-    layers = out["model"]["layers"]
-    out["model"] = {**out["model"], "layers": jax.tree.map(
-        lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers)])}
+    for top, name in (("model", "layers"), ("visual", "blocks")):
+        layers = out[top][name]
+        out[top] = {**out[top], name: jax.tree.map(
+            lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers)])}
     return out
 
 

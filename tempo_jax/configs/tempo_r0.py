@@ -35,6 +35,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # HF checkpoint dir to start from (its config.json's model_type picks the family);
     # "" = random init of the preset (tiny)
     c.model.init_checkpoint = ""
+    # a random start's initialisation (no init_checkpoint): hf = the model's own std 0.02,
+    # width = std 1/sqrt(fan-in) per matrix, width_residual = width and GPT-2's
+    # 1/sqrt(2 x depth) on residual output projections (tempo_jax.models.init)
+    c.model.init_scale = "hf"
     c.model.dtype = "float32" if tiny else "bfloat16"  # parameter and compute dtype
     # xla | cudnn (GPU) | splash (TPU) | auto (splash on TPU, cudnn on GPU, xla on CPU)
     c.model.attention_backend = "xla" if tiny else "auto"

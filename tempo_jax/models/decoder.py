@@ -5,12 +5,9 @@ A family subclasses `Decoder` with what differs: its text attention class (`atte
 Qwen3's has q/k norms), its M-RoPE layout (`mrope`) and, for Qwen3-VL, DeepStack's side
 input (`inject`). Everything else is written once here.
 
-`scan=True` stores the layers stacked (`[num_layers, ...]` parameters with a leading
-`layers` logical axis, never sharded, as MaxText's `scan_layers`) and runs them with
-`jax.lax.scan`: XLA compiles one layer instead of `num_layers` copies, so compile time no
-longer grows with depth. The rematerialisation policy wraps the scanned body. The stacked
-layers are built from the same per-layer initialisations as the unrolled ones, so a model
-has the same parameters either way.
+`scan=True` stores the layers stacked and runs them with `jax.lax.scan` (`models.stack`):
+XLA compiles one layer instead of `num_layers` copies. The rematerialisation policy wraps
+the scanned body.
 
 The KV cache has one layout in both modes: `(K, V)`, each `[num_layers, B, S, Hkv, D]`; a
 decoding step writes the new token's slot of layer i in place (inside the scan's carry),
@@ -19,7 +16,6 @@ never copying a layer's cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,58 +29,11 @@ from tempo_jax.models.layers import (
     RMSNorm,
     RuntimeOptions,
     remat_layer,
-    remat_policy,
 )
+from tempo_jax.models.stack import make_stack, scan_layers
 from tempo_jax.sharding import constrain
 
-LAYERS_AXIS = "layers"  # the logical name of a stacked parameter's leading axis
-
 KVCache = tuple[jax.Array, jax.Array]  # (K, V), each [num_layers, B, S, Hkv, D]
-
-
-def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
-    """One module whose parameters are the layers' stacked on a new leading axis (named
-    `layers` in each parameter's logical axes)."""
-    graphdef, _ = nnx.split(layers[0])
-    states = [nnx.state(layer) for layer in layers]
-    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-    for _, node in nnx.iter_graph(stacked):
-        if isinstance(node, nnx.Variable):
-            axes = node.get_metadata().get("axes")
-            rest = axes or (None,) * (len(node.get_value().shape) - 1)
-            node.set_metadata(axes=(LAYERS_AXIS, *rest))
-    return stacked
-
-
-def is_stacked(path: tuple, axes: tuple | None) -> bool:
-    """Whether the parameter at `path` (with logical `axes`) is a stacked decoder-layer
-    parameter (`('model', 'layers', 'self_attn', ...)`, first axis `layers`)."""
-    return bool(axes) and axes[0] == LAYERS_AXIS and LAYERS_AXIS in path
-
-
-def unstacked_path(path: tuple, i: int) -> tuple:
-    """The unrolled path of layer `i` of a stacked parameter: ('model', 'layers', 'mlp', ...)
-    -> ('model', 'layers', i, 'mlp', ...)."""
-    k = path.index(LAYERS_AXIS)
-    return (*path[:k + 1], i, *path[k + 1:])
-
-
-def scan_layers(layers: nnx.Module, body: Callable, carry: Any, remat: str,
-                with_outputs: bool = True):
-    """`body(layer, carry, i) -> (carry, out)` over the stacked `layers` (i traced), the
-    rematerialisation policy around each step; returns (carry, stacked outs)."""
-    graphdef, state = nnx.split(layers)
-    n = jax.tree.leaves(state)[0].shape[0]
-
-    def step(c, xs):
-        st, i = xs
-        c, out = body(nnx.merge(graphdef, st), c, i)
-        return c, (out if with_outputs else None)
-
-    policy = remat_policy(remat)
-    if policy is not None:
-        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, jnp.arange(n, dtype=jnp.int32)))
 
 
 class Decoder(nnx.Module):
@@ -100,7 +49,7 @@ class Decoder(nnx.Module):
                                   rngs=rngs)
         layers = [DecoderLayer(cfg, self.attention_cls, param_dtype=param_dtype, rngs=rngs)
                   for _ in range(cfg.num_hidden_layers)]
-        self.layers = stack_layers(layers) if scan else nnx.List(layers)
+        self.layers = make_stack(layers, scan)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     # ---- what a family supplies
@@ -186,7 +135,8 @@ class VisionLanguageModel(nnx.Module):
         self.options = options or RuntimeOptions(dtype=param_dtype)
         check_backend(self.options.attention_backend)
         check_remat(self.options.remat)
-        self.visual = self.vision_cls(config.vision, param_dtype=param_dtype, rngs=rngs)
+        self.visual = self.vision_cls(config.vision, param_dtype=param_dtype, rngs=rngs,
+                                      scan=self.options.scan_layers)
         self.model = self.text_cls(config.text, param_dtype=param_dtype, rngs=rngs,
                                    scan=self.options.scan_layers)
         if not config.tie_word_embeddings:

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tempo_jax import sharding as shd
-from tempo_jax.models.decoder import is_stacked, unstacked_path
+from tempo_jax.models.stack import is_stacked, unstacked_path
 from tempo_jax.safetensors_io import CheckpointReader, write_sharded
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from tempo_jax.data import saa as saa_lib
 from tempo_jax.data.pipeline import PipelineConfig, config_from_settings
 from tempo_jax.models import families
 from tempo_jax.models.attention import resolve_backend
+from tempo_jax.models.init import reinitialize
 from tempo_jax.models.layers import RuntimeOptions
 
 SETTINGS_FILE = "tempo_settings.json"  # SAA / ETA / prompt settings, saved beside every export
@@ -53,8 +54,10 @@ def build_model(config: ml_collections.ConfigDict, mesh=None, rules=shd.DEFAULT_
     if config.model.init_checkpoint:
         return families.load_pretrained(config.model.init_checkpoint, dtype=dtype,
                                         options=opts, mesh=mesh, rules=rules)
-    return families.build(model_config(config), param_dtype=dtype, options=opts,
-                          rngs=nnx.Rngs(config.seed))
+    model = families.build(model_config(config), param_dtype=dtype, options=opts,
+                           rngs=nnx.Rngs(config.seed))
+    # a random start only: a checkpoint's weights are never redrawn
+    return reinitialize(model, config.model.get("init_scale", "hf"), config.seed)
 
 
 def model_config(config: ml_collections.ConfigDict):

@@ -40,6 +40,7 @@ from tempo_jax.models.layers import (
 from tempo_jax.models.qwen2_5_vl import positions as pos_lib
 from tempo_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen2_5_vl.vision_meta import vision_metadata
+from tempo_jax.models.stack import make_stack, run_stack
 from tempo_jax.models.vision import PatchEmbed, VisionBlock
 from tempo_jax.sharding import constrain
 
@@ -70,13 +71,13 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs, scan: bool = False):
         self.cfg = cfg
+        self.scan = scan
         self.patch_embed = PatchEmbed(cfg, bias=False, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List(
+        self.blocks = make_stack(
             [VisionBlock(cfg, norm=RMSNorm, mlp=_mlp, param_dtype=param_dtype, rngs=rngs)
-             for _ in range(cfg.depth)]
-        )
+             for _ in range(cfg.depth)], scan)
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, pixels, meta: dict, opts: RuntimeOptions):
@@ -85,11 +86,20 @@ class VisionTower(nnx.Module):
         # from: each device runs the tower on its share, not the whole batch's
         x = constrain(self.patch_embed(pixels, opts.dtype)[meta["patch_perm"]], PATCHES)
         cos, sin = vision_rotary(meta["rot_pos"], self.cfg.rope_theta, self.cfg.head_dim)
-        full = set(self.cfg.fullatt_block_indexes)
-        for i, blk in enumerate(self.blocks):
-            kind = "full" if i in full else "win"
-            x = constrain(blk(x, cos, sin, meta[f"{kind}_index"], meta[f"{kind}_valid"],
-                              meta[f"{kind}_slot"], opts), PATCHES)
+        is_full = np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes)
+
+        def block(blk, h, i):
+            def run(kind):
+                return lambda h: blk(h, cos, sin, meta[f"{kind}_index"], meta[f"{kind}_valid"],
+                                     meta[f"{kind}_slot"], opts)
+
+            if isinstance(i, int):
+                h = run("full" if is_full[i] else "win")(h)
+            else:  # scanned: both kinds compiled once, the layer's picked at run time
+                h = jax.lax.cond(jnp.asarray(is_full)[i], run("full"), run("win"), h)
+            return constrain(h, PATCHES)
+
+        x = run_stack(self.blocks, block, x, self.scan)
         return self.merger(x, opts.dtype)[meta["reverse_index"]]
 
 

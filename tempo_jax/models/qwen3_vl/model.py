@@ -42,6 +42,7 @@ from tempo_jax.models.layers import (
 from tempo_jax.models.qwen3_vl import positions as pos_lib
 from tempo_jax.models.qwen3_vl.config import ModelConfig, TextConfig, VisionConfig
 from tempo_jax.models.qwen3_vl.vision_meta import vision_metadata
+from tempo_jax.models.stack import make_stack, run_stack
 from tempo_jax.models.vision import PatchEmbed, VisionBlock
 from tempo_jax.sharding import constrain
 
@@ -84,15 +85,15 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs, scan: bool = False):
         self.cfg = cfg
+        self.scan = scan
         self.patch_embed = PatchEmbed(cfg, bias=True, param_dtype=param_dtype, rngs=rngs)
         self.pos_embed = Embed(cfg.num_position_embeddings, cfg.hidden_size,
                                param_dtype=param_dtype, rngs=rngs, axes=(None, "embed"))
-        self.blocks = nnx.List(
+        self.blocks = make_stack(
             [VisionBlock(cfg, norm=LayerNorm, mlp=VisionMLP, param_dtype=param_dtype,
-                         rngs=rngs) for _ in range(cfg.depth)]
-        )
+                         rngs=rngs) for _ in range(cfg.depth)], scan)
         self.merger = PatchMerger(cfg, postshuffle=False, param_dtype=param_dtype, rngs=rngs)
         self.deepstack_merger_list = nnx.List(
             [PatchMerger(cfg, postshuffle=True, param_dtype=param_dtype, rngs=rngs)
@@ -111,14 +112,31 @@ class VisionTower(nnx.Module):
         pos = jnp.sum(table[meta["pos_index"]] * meta["pos_weight"][..., None], axis=1)
         x = x + pos.astype(x.dtype)
         cos, sin = vision_rotary(meta["rot_pos"], self.cfg.rope_theta, self.cfg.head_dim)
-        deep_at = {layer: j for j, layer in enumerate(self.cfg.deepstack_visual_indexes)}
-        deep = [None] * len(deep_at)
+        # DeepStack taps the hidden states after these layers: unrolled, a list; scanned, a
+        # carried [n_deep, N, D] buffer the tap layers write their slot of (the mergers run
+        # after the stack, on the same states)
+        slot = np.full(self.cfg.depth, -1, np.int32)
+        slot[list(self.cfg.deepstack_visual_indexes)] = np.arange(
+            len(self.cfg.deepstack_visual_indexes))
         x = constrain(x, PATCHES)  # each device runs the tower on its share of the patches
-        for i, blk in enumerate(self.blocks):
-            x = constrain(blk(x, cos, sin, meta["full_index"], meta["full_valid"],
+
+        def block(blk, carry, i):
+            h, taps = carry
+            h = constrain(blk(h, cos, sin, meta["full_index"], meta["full_valid"],
                               meta["full_slot"], opts), PATCHES)
-            if i in deep_at:
-                deep[deep_at[i]] = self.deepstack_merger_list[deep_at[i]](x, opts.dtype)
+            if isinstance(i, int):
+                if slot[i] >= 0:
+                    taps = [*taps[:slot[i]], h, *taps[slot[i] + 1:]]
+            elif taps.shape[0]:
+                j = jnp.asarray(slot)[i]
+                taps = jax.lax.cond(j >= 0, lambda t: t.at[j].set(h), lambda t: t, taps)
+            return h, taps
+
+        n_deep = len(self.cfg.deepstack_visual_indexes)
+        taps = (constrain(jnp.zeros((n_deep, *x.shape), x.dtype), (None, *PATCHES))
+                if self.scan else [None] * n_deep)
+        x, taps = run_stack(self.blocks, block, (x, taps), self.scan)
+        deep = [m(taps[j], opts.dtype) for j, m in enumerate(self.deepstack_merger_list)]
         merged = self.merger(x, opts.dtype)
         deep = jnp.stack(deep) if deep else jnp.zeros((0, *merged.shape), merged.dtype)
         return merged, deep
