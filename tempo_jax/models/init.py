@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tempo_jax.models.stack import is_stacked, unstacked_path
+from tempo_jax.models.stack import is_stacked, stack_name, unstacked_path
 
 INIT_SCALES = ("hf", "width", "width_residual")
 # the last module names of the projections that write into a residual stream
@@ -48,9 +48,8 @@ def _std(path: tuple, shape: tuple, scheme: str, depths: dict[str, int]) -> floa
     if name != "kernel":
         return None
     std = math.prod(shape[:-1]) ** -0.5
-    stack = path[0]  # "model" (decoder) or "visual" (vision tower)
-    if (scheme == "width_residual" and len(path) >= 2 and path[-2] in _RESIDUAL_OUT
-            and any(s in path for s in ("layers", "blocks")) and stack in depths):
+    stack = stack_name(path)
+    if scheme == "width_residual" and stack is not None and path[-2] in _RESIDUAL_OUT:
         std /= math.sqrt(2 * depths[stack])
     return std
 
@@ -62,7 +61,7 @@ def reinitialize(model: nnx.Module, scheme: str, seed: int) -> nnx.Module:
     if scheme == "hf":
         return model
     cfg = model.config
-    depths = {"model": cfg.text.num_hidden_layers, "visual": cfg.vision.depth}
+    depths = {"layers": cfg.text.num_hidden_layers, "blocks": cfg.vision.depth}
     key = jax.random.key(seed)
     updates = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -71,15 +70,14 @@ def reinitialize(model: nnx.Module, scheme: str, seed: int) -> nnx.Module:
         parts = ([unstacked_path(path, i) for i in range(value.shape[0])] if stacked
                  else [path])
         shape = value.shape[1:] if stacked else value.shape
+        if _std(parts[0], shape, scheme, depths) is None:  # norms and biases: as built
+            continue
         draws = []
         for p in parts:
-            std = _std(p, shape, scheme, depths)
-            if std is None:
-                break
             k = jax.random.fold_in(key, zlib.crc32(".".join(map(str, p)).encode()))
-            draws.append((std * jax.random.normal(k, shape, jnp.float32)).astype(value.dtype))
-        if len(draws) == len(parts):
-            updates.append((path, var.replace(value=jnp.stack(draws) if stacked else draws[0])))
+            draws.append((_std(p, shape, scheme, depths)
+                          * jax.random.normal(k, shape, jnp.float32)).astype(value.dtype))
+        updates.append((path, var.replace(value=jnp.stack(draws) if stacked else draws[0])))
     nnx.update(model, nnx.from_flat_state(updates))
     return model
 

@@ -49,6 +49,12 @@ def _stack_index(path: tuple) -> int | None:
     return next((k for k, p in enumerate(path) if p in STACK_NAMES), None)
 
 
+def stack_name(path: tuple) -> str | None:
+    """The stack (`layers` or `blocks`) a parameter path lies in, None outside any."""
+    k = _stack_index(path)
+    return None if k is None else path[k]
+
+
 def is_stacked(path: tuple, axes: tuple | None) -> bool:
     """Whether the parameter at `path` (with logical `axes`) is a stacked layer parameter
     (`('model', 'layers', 'self_attn', ...)` or `('visual', 'blocks', 'attn', ...)`, first

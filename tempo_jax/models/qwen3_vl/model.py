@@ -126,7 +126,8 @@ class VisionTower(nnx.Module):
                               meta["full_slot"], opts), PATCHES)
             if isinstance(i, int):
                 if slot[i] >= 0:
-                    taps = [*taps[:slot[i]], h, *taps[slot[i] + 1:]]
+                    taps = list(taps)
+                    taps[slot[i]] = h
             elif taps.shape[0]:
                 j = jnp.asarray(slot)[i]
                 taps = jax.lax.cond(j >= 0, lambda t: t.at[j].set(h), lambda t: t, taps)
